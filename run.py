@@ -1,0 +1,490 @@
+"""Command line of the signattention package: train, eval (and, built on them, the explanation modes).
+
+    python run.py train                      # synthetic GSL, default model, about 4 minutes on 2 CPU cores
+    python run.py train --preset signattention
+    python run.py train --data PATH [--format gsl|signjoey] [--signcl 0.01]
+    python run.py train --resume runs/<name>
+    python run.py eval runs/<name> [--split test]
+
+This is the only module that parses arguments, lays out run folders and prints progress.
+"""
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+
+import signattention as sa
+from sign_cl import SignCL, ctc_viterbi, sdr, signcl_margin
+
+SYNTHETIC = os.path.join("data", "synthetic_gsl")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 40
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_epochs: int = 2
+    schedule: str = "cosine"            # cosine decay after warm-up, or constant
+    label_smoothing: float = 0.1
+    ctc_weight: float = 1.0             # weight of the CTC gloss loss on the encoder (0: head untrained)
+    signcl: float = 0.0                 # weight of the SignCL loss on the encoder's frame features
+    grad_clip: float = 1.0
+    select: str = "bleu4"               # validation metric that picks the best checkpoint: bleu4, accuracy, wer
+    patience: int = 0                   # early stopping after this many epochs without improvement (0: off)
+    beam: int = 4                       # beam size for the final evaluation (1: greedy)
+    alpha: float = 1.0                  # length penalty exponent of the beam search
+    seed: int = 0
+
+
+# Each preset names the values that differ from the dataclass defaults above.
+PRESETS = {
+    "default": dict(data={}, model={}, train={}),
+    "signattention": dict(   # Dal Bianco, Stanchi et al. 2024 (DATA.md section 1)
+        data=dict(normalise=False, subsample=3, max_frames=220, max_tokens=20, target="gloss", augment=False),
+        model=dict(d_model=16, heads=8, encoder_layers=1, decoder_layers=1, feedforward=2048, embed_hidden=128,
+                   dropout=0.2, pos_dropout=0.1, norm_first=False),
+        train=dict(epochs=300, batch_size=64, lr=1e-3, weight_decay=0.0, warmup_epochs=0, schedule="constant",
+                   label_smoothing=0.0, ctc_weight=0.0, select="accuracy", patience=30, beam=1)),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration and data
+# ----------------------------------------------------------------------------------------------------
+
+def resolve_config(args):
+    """Preset values, overridden by the flags a user gave."""
+    preset = PRESETS[args.preset]
+    data = replace(sa.DataConfig(), **preset["data"])
+    model = replace(sa.ModelConfig(), **preset["model"])
+    train = replace(TrainConfig(), **preset["train"])
+    for section in (data, model, train):
+        for f in fields(section):
+            value = getattr(args, f.name, None)
+            if value is not None:
+                setattr(section, f.name, value)
+    if args.format == "signjoey" and getattr(args, "subsample", None) is None:
+        data.subsample = 1
+    data.format = args.format
+    return dict(data=asdict(data), model=asdict(model), train=asdict(train),
+                data_path=args.data or SYNTHETIC, preset=args.preset)
+
+
+def ensure_data(path, log):
+    """The synthetic GSL is generated on first use when the default data folder does not exist."""
+    if path == SYNTHETIC and not os.path.exists(os.path.join(path, "annotations.csv")):
+        start = time.time()
+        log(f"generating the synthetic GSL into {path} ...")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        sa.generate_synthetic_gsl(path)
+        log(f"generated the synthetic GSL in {time.time() - start:.1f}s")
+
+
+def read_data(path, data_cfg, splits, skip_bad, log):
+    skipped = []
+
+    def on_bad(message):
+        skipped.append(message)
+        log(f"warning: skipping bad sample: {message}")
+
+    records = sa.load_records(path, data_cfg, splits, on_bad if skip_bad else None)
+    if skipped:
+        log(f"warning: skipped {len(skipped)} bad sample(s)")
+    by_split = {s: [r for r in records if r.split == s] for s in splits}
+    for s in splits:
+        if not by_split[s]:
+            raise sa.DataError(f"{path}: no samples in the {s} split")
+    return by_split
+
+
+def device_of(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        raise sa.DataError("--device cuda: no CUDA device is available")
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
+                        ("cpu" if name == "auto" else name))
+
+
+def to(batch, device):
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------
+
+def losses(model, batch, train_cfg, signcl, generator):
+    memory = model.encode(batch["src"], batch["src_mask"])
+    logits = model.decode(memory, batch["src_mask"], batch["tgt_in"])
+    pad = model.pad_id
+    total = ce = F.cross_entropy(logits.flatten(0, 1), batch["tgt_out"].flatten(), ignore_index=pad,
+                                 label_smoothing=train_cfg.label_smoothing)
+    frames = batch["src_mask"].sum(1)
+    if train_cfg.ctc_weight > 0:
+        log_probs = model.gloss_logits(memory).log_softmax(-1).transpose(0, 1)          # (T, B, V)
+        ctc = F.ctc_loss(log_probs, batch["gloss"], frames, batch["gloss_lengths"], blank=pad,
+                         zero_infinity=True)
+        total = total + train_cfg.ctc_weight * ctc
+    if train_cfg.signcl > 0:
+        tokens = (batch["tgt_out"] != pad).sum(1)
+        margin = torch.tensor([signcl_margin(int(f), int(n)) for f, n in zip(frames, tokens)])
+        total = total + train_cfg.signcl * signcl(memory, margin, batch["src_mask"], generator)
+    correct = ((logits.argmax(-1) == batch["tgt_out"]) & (batch["tgt_out"] != pad)).sum()
+    return total, ce, correct, (batch["tgt_out"] != pad).sum()
+
+
+def lr_factor(step, steps_per_epoch, cfg):
+    warm = cfg.warmup_epochs * steps_per_epoch
+    if warm and step < warm:
+        return (step + 1) / warm
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - warm) / max(1, cfg.epochs * steps_per_epoch - warm)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build(config, records, device):
+    data_cfg = sa.DataConfig(**config["data"])
+    gloss_vocab = sa.Vocabulary(w for r in records["train"] for w in r.gloss)
+    text_vocab = sa.Vocabulary(w for r in records["train"] for w in r.text)
+    target_vocab = gloss_vocab if data_cfg.target == "gloss" else text_vocab
+    model_cfg = sa.ModelConfig(**{**config["model"], "in_features": records["train"][0].frames.shape[1],
+                                  "n_gloss": len(gloss_vocab), "n_out": len(target_vocab)})
+    config["model"] = asdict(model_cfg)
+    model = sa.SignTranslator(model_cfg).to(device)
+    model.data_config = data_cfg
+    datasets = {s: sa.SignDataset(r, data_cfg, gloss_vocab, text_vocab, train=(s == "train"))
+                for s, r in records.items()}
+    return model, datasets, gloss_vocab, text_vocab
+
+
+def checkpoint_state(model, optimizer, config, gloss_vocab, text_vocab, epoch, history):
+    return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), config=config,
+                model_config=config["model"], data_config=config["data"], gloss_vocab=gloss_vocab.itos,
+                text_vocab=text_vocab.itos, epoch=epoch, history=history)
+
+
+def write_json(path, obj):
+    sa.atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, ensure_ascii=False).encode()))
+
+
+def write_metrics(path, history):
+    text = "".join(json.dumps(h, ensure_ascii=False) + "\n" for h in history)
+    sa.atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def is_better(metric, value, best):
+    return best is None or (value < best if metric == "wer" else value > best)
+
+
+def train(args):
+    log = lambda msg: print(msg, flush=True)
+    device = device_of(args.device)
+    if args.resume:
+        run_dir = args.resume
+        state = sa.load_checkpoint(os.path.join(run_dir, "last.pt"), device)
+        config = state["config"]
+        if args.epochs is not None:
+            config["train"]["epochs"] = args.epochs
+        log(f"resuming {run_dir} after epoch {state['epoch']}")
+    else:
+        config = resolve_config(args)
+        run_dir = args.out or new_run_dir(config)
+        if os.path.exists(os.path.join(run_dir, "last.pt")):
+            raise sa.DataError(f"{run_dir}: already holds a run (continue it with --resume {run_dir}, "
+                               "or pick another --out)")
+        state = None
+    train_cfg = TrainConfig(**config["train"])
+    data_path = config["data_path"]
+    ensure_data(data_path, log)
+    start = time.time()
+    records = read_data(data_path, sa.DataConfig(**config["data"]), sa.SPLITS, args.skip_bad, log)
+    torch.manual_seed(train_cfg.seed)
+    model, datasets, gloss_vocab, text_vocab = build(config, records, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    steps_per_epoch = len(datasets["train"].batches(train_cfg.batch_size))
+    history, first_epoch = [], 1
+    if state is not None:
+        if state["gloss_vocab"] != gloss_vocab.itos or state["text_vocab"] != text_vocab.itos:
+            raise sa.DataError(f"{data_path}: the training split changed since {run_dir} began (vocabulary differs)")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history, first_epoch = state["history"], state["epoch"] + 1
+    os.makedirs(run_dir, exist_ok=True)
+    write_json(os.path.join(run_dir, "config.json"), config)
+    log(f"run {run_dir}: {sum(len(r) for r in records.values())} samples "
+        f"({', '.join(f'{s} {len(r)}' for s, r in records.items())}) read in {time.time() - start:.1f}s, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}")
+    signcl = SignCL()
+    best = max((h[train_cfg.select] for h in history), default=None,
+               key=(lambda v: -v) if train_cfg.select == "wer" else None)
+    epoch_times = []
+    for epoch in range(first_epoch, train_cfg.epochs + 1):
+        tic = time.time()
+        torch.manual_seed(train_cfg.seed * 100003 + epoch)          # dropout: same draws on resume
+        generator = torch.Generator().manual_seed(train_cfg.seed * 100003 + epoch)
+        model.train()
+        total = count = 0.0
+        for b, indices in enumerate(datasets["train"].batches(train_cfg.batch_size, generator, shuffle=True)):
+            step = (epoch - 1) * steps_per_epoch + b
+            for group in optimizer.param_groups:
+                group["lr"] = train_cfg.lr * lr_factor(step, steps_per_epoch, train_cfg)
+            batch = to(datasets["train"].batch(indices, generator), device)
+            loss, ce, _, _ = losses(model, batch, train_cfg, signcl, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+            optimizer.step()
+            total, count = total + loss.item() * len(indices), count + len(indices)
+        val = evaluate(model, datasets["val"], train_cfg, device, beam=1)
+        record = dict(epoch=epoch, loss=total / count, **val["metrics"], seconds=time.time() - tic)
+        history.append(record)
+        improved = is_better(train_cfg.select, record[train_cfg.select], best)
+        state = checkpoint_state(model, optimizer, config, gloss_vocab, text_vocab, epoch, history)
+        if improved:
+            best = record[train_cfg.select]
+            sa.save_checkpoint(os.path.join(run_dir, "best.pt"), state)
+        sa.save_checkpoint(os.path.join(run_dir, "last.pt"), state)
+        write_metrics(os.path.join(run_dir, "metrics.jsonl"), history)
+        epoch_times.append(time.time() - tic)
+        eta = sum(epoch_times) / len(epoch_times) * (train_cfg.epochs - epoch)
+        log(f"epoch {epoch:3d}/{train_cfg.epochs}  loss {record['loss']:.3f}  "
+            + progress_metrics(record, config["data"]["target"])
+            + f"  {record['seconds']:.1f}s  ETA {format_time(eta)}" + ("  *" if improved else ""))
+        since_best = len(history) - 1 - max(i for i, h in enumerate(history) if h[train_cfg.select] == best)
+        if train_cfg.patience and since_best >= train_cfg.patience:
+            log(f"early stop: no better validation {train_cfg.select} for {train_cfg.patience} epochs")
+            break
+    report(run_dir, datasets, train_cfg, device, log, data_path)
+    log(f"done in {format_time(time.time() - start)}; run folder {run_dir}")
+
+
+def new_run_dir(config):
+    name = os.path.basename(os.path.normpath(config["data_path"])) or "data"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = os.path.join("runs", f"{stamp}-{name}-{config['preset']}")
+    suffix = 1
+    while os.path.exists(path + ("" if suffix == 1 else f"-{suffix}")):
+        suffix += 1
+    return path + ("" if suffix == 1 else f"-{suffix}")
+
+
+def format_time(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def progress_metrics(m, target):
+    return (f"val {target} BLEU-4 {m['bleu4']:5.2f}  acc {m['accuracy']:5.1f}%  gloss WER {m['wer']:5.1f}%")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, dataset, train_cfg, device, beam=None, alignments=None, batch_size=64):
+    """Decode a split; metrics of the decoder's target, gloss WER, token accuracy, and translation rows.
+
+    Gloss predictions come from the decoder when it writes glosses, otherwise from the CTC head. With
+    `alignments` ({id: segments}), SDR is measured on the encoder features at the gloss segment centres.
+    """
+    model.eval()
+    beam = train_cfg.beam if beam is None else beam
+    target = dataset.cfg.target
+    rows, correct, tokens, features, labels = [], 0, 0, [], []
+    for indices in dataset.batches(batch_size):
+        batch = to(dataset.batch(indices), device)
+        memory = model.encode(batch["src"], batch["src_mask"])
+        logits = model.decode(memory, batch["src_mask"], batch["tgt_in"])
+        real = batch["tgt_out"] != model.pad_id
+        correct += int(((logits.argmax(-1) == batch["tgt_out"]) & real).sum())
+        tokens += int(real.sum())
+        out = sa.beam_search(model, batch["src"], batch["src_mask"], beam, train_cfg.alpha,
+                             dataset.cfg.max_tokens + 1, memory)
+        predictions = [" ".join(dataset.target_vocab.decode(o)) for o in out.tolist()]
+        gloss_logits = model.gloss_logits(memory)
+        ctc = [" ".join(dataset.gloss_vocab.decode(g)) for g in sa.ctc_decode(gloss_logits, batch["src_mask"])]
+        for b, i in enumerate(indices):
+            r = dataset.records[i]
+            rows.append(dict(id=r.id, gloss_reference=" ".join(r.gloss),
+                             gloss_prediction=predictions[b] if target == "gloss" else ctc[b],
+                             text_reference=" ".join(r.text),
+                             text_prediction=predictions[b] if target == "text" else ""))
+            if alignments is not None:
+                f, l = frame_labels(memory[b], gloss_logits[b], batch["src_mask"][b], r, dataset, alignments)
+                features += f
+                labels += l
+    hyps = [r[f"{target}_prediction"] for r in rows]
+    refs = [r[f"{target}_reference"] for r in rows]
+    metrics = sa.translation_metrics(hyps, refs)
+    metrics["wer"] = sa.wer([r["gloss_prediction"] for r in rows], [r["gloss_reference"] for r in rows])
+    metrics["accuracy"] = 100.0 * correct / max(1, tokens)
+    if features:
+        metrics["sdr"] = sdr(torch.stack(features).cpu(), labels)
+    return dict(metrics=metrics, rows=rows)
+
+
+def frame_labels(memory, gloss_logits, mask, record, dataset, alignments):
+    """Encoder features at the centre of each gloss occurrence, labelled with the gloss: from the true
+    segments when alignments exist, else from the CTC Viterbi path of the reference glosses."""
+    n = int(mask.sum())
+    k = dataset.cfg.subsample
+    if alignments:
+        centres = [((a + b) // 2 // k, g) for _, g, a, b in alignments.get(record.id, [])]
+    else:
+        ids = dataset.gloss_vocab.encode(record.gloss)
+        path = ctc_viterbi(gloss_logits[:n].log_softmax(-1).cpu(), ids, blank=0)
+        centres, t = [], 0
+        while t < n:
+            end = t
+            while end + 1 < n and path[end + 1] == path[t]:
+                end += 1
+            if path[t] != 0:
+                centres.append(((t + end) // 2, dataset.gloss_vocab.itos[path[t]]))
+            t = end + 1
+    kept = [(c, g) for c, g in centres if c < n]
+    return [memory[c] for c, _ in kept], [dataset.gloss_vocab.stoi.get(g, 1) for _, g in kept]
+
+
+def report(run_dir, datasets, train_cfg, device, log, data_path, splits=("val", "test")):
+    """Evaluate the best checkpoint, print the table, write translations.csv and results.json."""
+    model, _, _ = sa.load_model(run_dir, device)
+    alignments = sa.read_alignments(data_path) if model.data_config.format == "gsl" else {}
+    use_alignments = alignments if alignments else ({} if train_cfg.ctc_weight > 0 else None)
+    results = {}
+    for split in splits:
+        start = time.time()
+        out = evaluate(model, datasets[split], train_cfg, device, alignments=use_alignments)
+        results[split] = dict(out["metrics"], seconds=time.time() - start, samples=len(datasets[split]))
+        if split == "test" or len(splits) == 1:
+            write_translations(os.path.join(run_dir, "translations.csv" if split == "test"
+                                            else f"translations_{split}.csv"), out["rows"])
+    log(results_table(results, datasets[splits[0]].cfg.target, train_cfg.beam))
+    _, signature = sa.bleu(["a"], ["a"])
+    log(f"sacrebleu: {signature}")
+    previous = {}
+    path = os.path.join(run_dir, "results.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            previous = json.load(f)
+    write_json(path, {**previous, **results})
+    return results
+
+
+def write_translations(path, rows):
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, ["id", "gloss_reference", "gloss_prediction", "text_reference",
+                                     "text_prediction"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    sa.atomic_write(path, lambda f: f.write(buffer.getvalue().encode("utf-8")))
+
+
+def results_table(results, target, beam):
+    head = ["split", "samples", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "chrF", "ROUGE-L", "gloss WER", "SDR"]
+    lines = [f"{target} translation ({'greedy' if beam <= 1 else f'beam {beam}'}), best checkpoint:",
+             "  ".join(f"{h:>9}" for h in head)]
+    for split, m in results.items():
+        cells = [split, str(m["samples"])] + [f"{m[k]:.2f}" for k in ("bleu1", "bleu2", "bleu3", "bleu4", "chrf",
+                                                                        "rouge_l")]
+        cells += [f"{m['wer']:.2f}%", f"{m['sdr']:.1f}%" if "sdr" in m else "-"]
+        lines.append("  ".join(f"{c:>9}" for c in cells))
+    return "\n".join(lines)
+
+
+def eval_mode(args):
+    log = lambda msg: print(msg, flush=True)
+    device = device_of(args.device)
+    run_dir = args.run or latest_run()
+    state = sa.load_checkpoint(os.path.join(run_dir, f"{args.checkpoint}.pt"), device)
+    config = state["config"]
+    data_path = args.data or config["data_path"]
+    data_cfg = sa.DataConfig(**config["data"])
+    records = read_data(data_path, data_cfg, (args.split,), args.skip_bad, log)
+    model = sa.model_from_checkpoint(state, device)
+    gloss_vocab = sa.Vocabulary.from_list(state["gloss_vocab"])
+    text_vocab = sa.Vocabulary.from_list(state["text_vocab"])
+    datasets = {args.split: sa.SignDataset(records[args.split], data_cfg, gloss_vocab, text_vocab)}
+    train_cfg = TrainConfig(**config["train"])
+    if args.beam is not None:
+        train_cfg.beam = args.beam
+    alignments = sa.read_alignments(data_path) if data_cfg.format == "gsl" else {}
+    use_alignments = alignments if alignments else ({} if train_cfg.ctc_weight > 0 else None)
+    out = evaluate(model, datasets[args.split], train_cfg, device, alignments=use_alignments)
+    out["metrics"]["samples"] = len(records[args.split])
+    log(f"{run_dir} ({args.checkpoint} checkpoint, epoch {state['epoch']}) on {data_path} {args.split}:")
+    log(results_table({args.split: out["metrics"]}, data_cfg.target, train_cfg.beam))
+
+
+def latest_run(root="runs"):
+    runs = [os.path.join(root, d) for d in os.listdir(root)] if os.path.isdir(root) else []
+    runs = [r for r in runs if os.path.exists(os.path.join(r, "best.pt"))]
+    if not runs:
+        raise sa.DataError(f"{root}/: no trained run found (run `python run.py train` first)")
+    return max(runs, key=lambda r: os.path.getmtime(os.path.join(r, "best.pt")))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------
+
+def parser():
+    p = argparse.ArgumentParser(description="Interpretable sign language translation: train, evaluate, explain.")
+    sub = p.add_subparsers(dest="mode", required=True)
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("--data", help=f"dataset folder or signjoey prefix (default: {SYNTHETIC}, generated if missing)")
+    shared.add_argument("--format", choices=("gsl", "signjoey"), default="gsl", help="dataset layout (DATA.md 1 or 2)")
+    shared.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to compute")
+    shared.add_argument("--skip-bad", action="store_true", help="skip bad samples with a warning instead of stopping")
+    shared.add_argument("--seed", type=int, help="random seed (default 0)")
+
+    t = sub.add_parser("train", parents=[shared], help="train a model (default: synthetic GSL)")
+    t.add_argument("--out", help="run folder (default: runs/<time>-<data>-<preset>)")
+    t.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
+    t.add_argument("--preset", choices=sorted(PRESETS), default="default", help="configuration to start from")
+    t.add_argument("--epochs", type=int, help="number of training epochs")
+    t.add_argument("--batch-size", type=int, help="samples per batch")
+    t.add_argument("--lr", type=float, help="peak learning rate")
+    t.add_argument("--signcl", type=float, help="weight of the SignCL loss on the encoder features (e.g. 0.01)")
+    t.add_argument("--ctc-weight", type=float, help="weight of the CTC gloss loss (0 disables the gloss head)")
+    t.add_argument("--target", choices=("text", "gloss"), help="what the decoder writes")
+    t.add_argument("--subsample", type=int, help="keep one frame per chunk of this many")
+    t.add_argument("--d-model", type=int, help="transformer width")
+    t.add_argument("--encoder-layers", type=int, help="encoder depth")
+    t.add_argument("--decoder-layers", type=int, help="decoder depth")
+    t.add_argument("--patience", type=int, help="early stopping patience in epochs (0: off)")
+    t.add_argument("--beam", type=int, help="beam size of the final evaluation (1: greedy)")
+
+    e = sub.add_parser("eval", parents=[shared], help="evaluate a trained run on a split")
+    e.add_argument("run", nargs="?", help="run folder (default: the most recent under runs/)")
+    e.add_argument("--split", choices=sa.SPLITS, default="test", help="split to evaluate")
+    e.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint")
+    e.add_argument("--beam", type=int, help="beam size (default: the run's)")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    try:
+        {"train": train, "eval": eval_mode}[args.mode](args)
+    except sa.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1134 @@
+"""SignAttention: sign language pose sequences -> glosses and text, with attention you can look at.
+
+Read top to bottom like a method section:
+  1. data      -- the synthetic GSL generator, the GSL and signjoey readers, vocabularies, batches
+  2. model     -- frame embedder, sinusoidal positions, transformer encoder with a CTC gloss head,
+                  autoregressive decoder; attention written out so every map can be kept with its gradient
+  3. decoding  -- batched greedy and beam search, CTC greedy decoding
+  4. metrics   -- BLEU-1..4, chrF, WER, ROUGE-L
+  5. files     -- atomic checkpoints that load with torch.load(weights_only=True), load_model()
+This module is importable and quiet: argument parsing, run folders and progress live in run.py.
+"""
+import csv
+import gzip
+import io
+import json
+import math
+import os
+import pickle
+import shutil
+from dataclasses import dataclass, field, asdict
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Data
+# ----------------------------------------------------------------------------------------------------
+
+N_KEYPOINTS = 543                       # MediaPipe Holistic: 33 body, 468 face, 21 left hand, 21 right hand
+BODY = list(range(0, 33))
+FACE = list(range(33, 501))
+LEFT_HAND = list(range(501, 522))
+RIGHT_HAND = list(range(522, 543))
+KEYPOINT_SETS = {"body+hands": BODY + LEFT_HAND + RIGHT_HAND, "hands": LEFT_HAND + RIGHT_HAND,
+                 "all": list(range(N_KEYPOINTS))}
+L_SHOULDER, R_SHOULDER = 11, 12
+SPLITS = ("train", "val", "test")
+PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
+
+
+class DataError(ValueError):
+    """Bad input: the message is one line naming the file, the row and the problem."""
+
+
+# --- 1a. The synthetic GSL -------------------------------------------------------------------------
+# A gloss lexicon over three GSL scenarios (police, health, citizen service) and a small grammar that
+# turns gloss sentences (GSL order: time first, verb-final, negation and wh-words last) into Greek text
+# (verb-second, pro-drop, articles and prepositions without a gloss, tense from a distant time gloss).
+
+PRONOUNS = {"ΕΓΩ(1)": 0, "ΕΣΥ": 1}      # gloss -> grammatical person index
+# noun gloss -> (gender, word); genders m/f/n choose the article
+NOUNS = {
+    "ΑΣΤΥΝΟΜΙΑ": ("f", "αστυνομία"), "ΤΑΥΤΟΤΗΤΑ": ("f", "ταυτότητα"), "ΔΙΑΒΑΤΗΡΙΟ": ("n", "διαβατήριο"),
+    "ΠΟΡΤΟΦΟΛΙ": ("n", "πορτοφόλι"), "ΑΥΤΟΚΙΝΗΤΟ": ("n", "αυτοκίνητο"), "ΚΛΕΙΔΙ": ("n", "κλειδί"),
+    "ΔΙΠΛΩΜΑ": ("n", "δίπλωμα"), "ΤΗΛΕΦΩΝΟ": ("n", "τηλέφωνο"),
+    "ΓΙΑΤΡΟΣ": ("m", "γιατρό"), "ΝΟΣΟΚΟΜΕΙΟ": ("n", "νοσοκομείο"), "ΦΑΡΜΑΚΟ": ("n", "φάρμακο"),
+    "ΦΑΡΜΑΚΕΙΟ": ("n", "φαρμακείο"), "ΡΑΝΤΕΒΟΥ": ("n", "ραντεβού"), "ΣΥΝΤΑΓΗ": ("f", "συνταγή"),
+    "ΑΣΘΕΝΟΦΟΡΟ": ("n", "ασθενοφόρο"), "ΕΞΕΤΑΣΗ": ("f", "εξέταση"),
+    "ΕΦΟΡΙΑ": ("f", "εφορία"), "ΑΙΤΗΣΗ": ("f", "αίτηση"), "ΠΙΣΤΟΠΟΙΗΤΙΚΟ": ("n", "πιστοποιητικό"),
+    "ΣΥΝΤΑΞΗ": ("f", "σύνταξη"), "ΛΟΓΑΡΙΑΣΜΟΣ": ("m", "λογαριασμό"), "ΤΡΑΠΕΖΑ": ("f", "τράπεζα"),
+    "ΔΗΜΑΡΧΕΙΟ": ("n", "δημαρχείο"), "ΙΚΑ(Δ.Α.)": ("n", "ικα"),
+}
+ARTICLE = {"m": "τον", "f": "την", "n": "το"}          # accusative definite article
+NOMINATIVE = {"m": "ο", "f": "η", "n": "το"}
+NOMINATIVE_WORD = {"ΓΙΑΤΡΟΣ": "γιατρός", "ΛΟΓΑΡΙΑΣΜΟΣ": "λογαριασμός"}
+PLACES = ["ΑΣΤΥΝΟΜΙΑ", "ΝΟΣΟΚΟΜΕΙΟ", "ΦΑΡΜΑΚΕΙΟ", "ΕΦΟΡΙΑ", "ΤΡΑΠΕΖΑ", "ΔΗΜΑΡΧΕΙΟ", "ΙΚΑ(Δ.Α.)", "ΓΙΑΤΡΟΣ"]
+# verb gloss -> (present, past, future) x (1st, 2nd person), and the objects it takes
+VERBS = {
+    "ΘΕΛΩ": ((("θέλω",), ("θέλεις",)), (("ήθελα",), ("ήθελες",)), (("θα", "θέλω"), ("θα", "θέλεις"))),
+    "ΧΡΕΙΑΖΟΜΑΙ": ((("χρειάζομαι",), ("χρειάζεσαι",)), (("χρειάστηκα",), ("χρειάστηκες",)),
+                   (("θα", "χρειαστώ"), ("θα", "χρειαστείς"))),
+    "ΧΑΝΩ": ((("χάνω",), ("χάνεις",)), (("έχασα",), ("έχασες",)), (("θα", "χάσω"), ("θα", "χάσεις"))),
+    "ΒΡΙΣΚΩ": ((("βρίσκω",), ("βρίσκεις",)), (("βρήκα",), ("βρήκες",)), (("θα", "βρω"), ("θα", "βρεις"))),
+    "ΠΛΗΡΩΝΩ": ((("πληρώνω",), ("πληρώνεις",)), (("πλήρωσα",), ("πλήρωσες",)),
+                (("θα", "πληρώσω"), ("θα", "πληρώσεις"))),
+    "ΚΑΝΩ": ((("κάνω",), ("κάνεις",)), (("έκανα",), ("έκανες",)), (("θα", "κάνω"), ("θα", "κάνεις"))),
+    "ΠΑΙΡΝΩ": ((("παίρνω",), ("παίρνεις",)), (("πήρα",), ("πήρες",)), (("θα", "πάρω"), ("θα", "πάρεις"))),
+    "ΠΗΓΑΙΝΩ": ((("πηγαίνω",), ("πηγαίνεις",)), (("πήγα",), ("πήγες",)), (("θα", "πάω"), ("θα", "πας"))),
+}
+WANTS = ["ΤΑΥΤΟΤΗΤΑ", "ΔΙΑΒΑΤΗΡΙΟ", "ΔΙΠΛΩΜΑ", "ΦΑΡΜΑΚΟ", "ΣΥΝΤΑΓΗ", "ΡΑΝΤΕΒΟΥ", "ΑΣΘΕΝΟΦΟΡΟ",
+         "ΠΙΣΤΟΠΟΙΗΤΙΚΟ", "ΕΞΕΤΑΣΗ"]
+BELONGINGS = ["ΤΑΥΤΟΤΗΤΑ", "ΔΙΑΒΑΤΗΡΙΟ", "ΠΟΡΤΟΦΟΛΙ", "ΚΛΕΙΔΙ", "ΔΙΠΛΩΜΑ", "ΤΗΛΕΦΩΝΟ", "ΑΥΤΟΚΙΝΗΤΟ"]
+OBJECTS = {"ΘΕΛΩ": WANTS, "ΧΡΕΙΑΖΟΜΑΙ": WANTS, "ΧΑΝΩ": BELONGINGS, "ΒΡΙΣΚΩ": BELONGINGS,
+           "ΠΛΗΡΩΝΩ": ["ΛΟΓΑΡΙΑΣΜΟΣ", "ΦΑΡΜΑΚΟ", "ΕΞΕΤΑΣΗ"], "ΚΑΝΩ": ["ΑΙΤΗΣΗ", "ΕΞΕΤΑΣΗ", "ΡΑΝΤΕΒΟΥ"],
+           "ΠΑΙΡΝΩ": ["ΣΥΝΤΑΞΗ", "ΦΑΡΜΑΚΟ", "ΠΙΣΤΟΠΟΙΗΤΙΚΟ", "ΔΙΠΛΩΜΑ", "ΤΑΥΤΟΤΗΤΑ"]}
+TIMES = {"ΧΘΕΣ": (1, "χθες"), "ΣΗΜΕΡΑ": (0, "σήμερα"), "ΑΥΡΙΟ": (2, "αύριο"), "ΤΩΡΑ": (0, "τώρα")}
+COPULA = ("είναι", "ήταν", "θα είναι")
+WH = {"ΠΟΥ;": ("πού", PLACES + BELONGINGS), "ΠΟΤΕ": ("πότε", ["ΡΑΝΤΕΒΟΥ", "ΕΞΕΤΑΣΗ", "ΣΥΝΤΑΞΗ"]),
+      "ΠΟΣΟ": ("πόσο", ["ΛΟΓΑΡΙΑΣΜΟΣ", "ΦΑΡΜΑΚΟ", "ΕΞΕΤΑΣΗ", "ΔΙΑΒΑΤΗΡΙΟ"])}
+SINGLES = {"ΒΟΗΘΕΙΑ": "βοήθεια", "ΕΥΧΑΡΙΣΤΩ": "ευχαριστώ πολύ", "ΓΕΙΑ": "γεια σας", "ΝΑΙ": "ναι"}
+SYNTHETIC_GLOSSES = (list(PRONOUNS) + list(NOUNS) + list(VERBS) + list(TIMES) + list(WH)
+                     + list(SINGLES) + ["ΟΧΙ", "ΠΑΡΑΚΑΛΩ"])
+
+
+def _verb_phrase(verb, person, tense, negated, obj=None, motion=False):
+    words = (["δεν"] if negated else []) + list(VERBS[verb][tense][person])
+    if obj is not None:
+        gender, word = NOUNS[obj]
+        words += [("σ" + ARTICLE[gender]) if motion else ARTICLE[gender], word]
+    return words
+
+
+def _sentence(rng):
+    """Draw one (gloss list, text word list) pair from the grammar."""
+    kind = rng.choice(["statement", "motion", "question", "request", "compound", "single"],
+                      p=[0.30, 0.16, 0.16, 0.10, 0.20, 0.08])
+    time = rng.choice(list(TIMES)) if rng.random() < 0.5 else None
+    tense, time_word = TIMES[time] if time else (0, None)
+    lead = [time] if time else []
+    tail = [time_word] if time else []              # GSL topicalises time; the Greek text puts it last
+    pron = rng.choice(list(PRONOUNS))
+    person = PRONOUNS[pron]
+    negated = rng.random() < 0.25
+    if kind == "statement":
+        verb = rng.choice(list(OBJECTS))
+        obj = rng.choice(OBJECTS[verb])
+        gloss = lead + [pron, obj, verb] + (["ΟΧΙ"] if negated else [])
+        text = _verb_phrase(verb, person, tense, negated, obj) + tail
+    elif kind == "motion":
+        place = rng.choice(PLACES)
+        gloss = lead + [pron, place, "ΠΗΓΑΙΝΩ"] + (["ΟΧΙ"] if negated else [])
+        text = _verb_phrase("ΠΗΓΑΙΝΩ", person, tense, negated, place, motion=True) + tail
+    elif kind == "question":
+        wh = rng.choice(list(WH))
+        word, nouns = WH[wh]
+        noun = rng.choice(nouns)
+        gender, _ = NOUNS[noun]
+        verb = "κοστίζει" if wh == "ΠΟΣΟ" else COPULA[tense]
+        gloss = lead + [noun, wh]
+        text = [word] + verb.split() + [NOMINATIVE[gender], NOMINATIVE_WORD.get(noun, NOUNS[noun][1])] + tail
+    elif kind == "request":
+        verb = rng.choice(["ΘΕΛΩ", "ΧΡΕΙΑΖΟΜΑΙ"])
+        obj = rng.choice(WANTS)
+        gloss = [pron, obj, verb, "ΠΑΡΑΚΑΛΩ"]
+        text = ["παρακαλώ"] + _verb_phrase(verb, person, 0, False, obj)
+    elif kind == "compound":
+        verb = rng.choice(list(OBJECTS))
+        obj = rng.choice(OBJECTS[verb])
+        place = rng.choice(PLACES)
+        gloss = lead + [pron, obj, verb, place, "ΠΗΓΑΙΝΩ"]
+        text = (_verb_phrase(verb, person, tense, False, obj) + ["και"]
+                + _verb_phrase("ΠΗΓΑΙΝΩ", person, tense, False, place, motion=True))
+        if rng.random() < 0.5:                       # a third clause: up to 8 glosses
+            verb2 = rng.choice([v for v in OBJECTS if v != verb])
+            obj2 = rng.choice(OBJECTS[verb2])
+            gloss += [obj2, verb2]
+            text += ["και"] + _verb_phrase(verb2, person, tense, False, obj2)
+        text += tail
+    else:
+        single = rng.choice(list(SINGLES))
+        gloss, text = [single], SINGLES[single].split()
+        if single == "ΒΟΗΘΕΙΑ" and rng.random() < 0.5:
+            gloss, text = ["ΒΟΗΘΕΙΑ", "ΠΑΡΑΚΑΛΩ"], ["βοήθεια", "παρακαλώ"]
+    return [str(g) for g in gloss], [str(w) for w in text]
+
+
+# Body geometry in shoulder-width units: x to the image's right, y down, origin between the shoulders.
+# MediaPipe's "left" is the signer's left, which is the image's right.
+HANDSHAPES = np.array([  # curl of thumb, index, middle, ring, pinky (0 = straight, 1 = closed)
+    [0.9, 1.0, 1.0, 1.0, 1.0],   # fist (A)
+    [0.3, 0.0, 0.0, 0.0, 0.0],   # flat (B)
+    [0.9, 0.0, 1.0, 1.0, 1.0],   # index (1)
+    [0.9, 0.0, 0.0, 1.0, 1.0],   # V
+    [0.4, 0.5, 0.5, 0.5, 0.5],   # C
+    [0.7, 0.8, 0.8, 0.8, 0.8],   # O
+    [0.0, 1.0, 1.0, 1.0, 0.0],   # Y
+    [0.0, 0.0, 0.0, 0.0, 0.0],   # spread (5)
+])
+LOCATIONS = np.array([[-0.35, 0.30], [-0.15, -0.45], [-0.20, -0.95], [-0.55, 0.10], [-0.10, 0.75],
+                      [-0.70, -0.30], [0.10, 0.25], [-0.40, -0.10]])   # chest, chin, forehead, side, ...
+MOVEMENTS = ("line", "arc", "circle", "zigzag", "tap", "shape")
+REST = np.array([[-0.40, 1.55], [0.40, 1.55]])         # right and left wrist at rest
+FINGER_BASE = np.array([[-0.25, -0.15], [-0.12, -0.42], [0.0, -0.45], [0.11, -0.42], [0.21, -0.36]])
+FINGER_LEN = np.array([0.20, 0.16, 0.17, 0.16, 0.13])
+# A frame's hand state: [x, y, z, orientation, 5 curls] for the right hand, then the same for the left.
+
+
+def _gloss_lexicon(rng):
+    """Each gloss: a distinct motion (location x movement pair is unique), handshapes and duration."""
+    pairs = [(m, loc) for loc in range(len(LOCATIONS)) for m in range(len(MOVEMENTS))]
+    order = rng.permutation(len(pairs))
+    lexicon = {}
+    for i, gloss in enumerate(SYNTHETIC_GLOSSES):
+        movement, location = pairs[order[i % len(pairs)]]
+        shape_a = rng.integers(len(HANDSHAPES))
+        shape_b = (shape_a + 1 + rng.integers(len(HANDSHAPES) - 1)) % len(HANDSHAPES) if MOVEMENTS[movement] == "shape" \
+            else (shape_a if rng.random() < 0.7 else rng.integers(len(HANDSHAPES)))
+        lexicon[gloss] = dict(
+            movement=MOVEMENTS[movement], start=LOCATIONS[location] + rng.normal(0, 0.05, 2),
+            direction=rng.uniform(0, 2 * np.pi), size=rng.uniform(0.25, 0.5), turns=rng.choice([1, 2]),
+            shapes=(int(shape_a), int(shape_b)), angles=rng.uniform(-1.0, 1.0, 2),
+            two_handed=rng.random() < 0.35, mirror=rng.random() < 0.6,
+            duration=int(rng.integers(9, 23)))
+    return lexicon
+
+
+def _gloss_states(spec, n, style, rng):
+    """(n, 18) hand states for one gloss of n frames, in the signer's style."""
+    s = np.linspace(0, 1, n)
+    ease = 0.5 - 0.5 * np.cos(np.pi * s)
+    size = spec["size"] * style["amplitude"]
+    start = spec["start"] + style["location"]
+    d = np.array([np.cos(spec["direction"]), np.sin(spec["direction"])])
+    normal = np.array([-d[1], d[0]])
+    kind = spec["movement"]
+    if kind == "line":
+        path = start + ease[:, None] * size * d
+    elif kind == "arc":
+        angle = ease * np.pi * 0.8
+        path = start + size * (np.cos(angle)[:, None] * d + np.sin(angle)[:, None] * normal - d)
+    elif kind == "circle":
+        angle = s * 2 * np.pi * spec["turns"]
+        path = start + 0.6 * size * (np.cos(angle)[:, None] * d + np.sin(angle)[:, None] * normal - d)
+    elif kind == "zigzag":
+        path = start + ease[:, None] * size * d + 0.12 * np.sin(s * 6 * np.pi)[:, None] * normal
+    elif kind == "tap":
+        path = start + 0.10 * np.abs(np.sin(s * 3 * np.pi))[:, None] * np.array([0.0, 1.0])
+    else:                                                  # "shape": hold the place, change the hand
+        path = start + 0.03 * np.sin(s * 2 * np.pi)[:, None] * d
+    shapes = HANDSHAPES[list(spec["shapes"])]
+    curls = (1 - ease[:, None]) * shapes[0] + ease[:, None] * shapes[1]
+    curls = curls * (1 - style["lax"]) + 0.5 * style["lax"]
+    angle = (1 - ease) * spec["angles"][0] + ease * spec["angles"][1]
+    z = -0.15 - 0.1 * np.sin(s * np.pi)
+    right = np.concatenate([path, z[:, None], angle[:, None], curls], 1)
+    if spec["two_handed"]:
+        if spec["mirror"]:                                 # both hands move, mirrored about the midline
+            left = right.copy()
+            left[:, 0] = -right[:, 0]
+            left[:, 3] = -right[:, 3]
+        else:                                              # a flat base hand under the moving one
+            left = np.zeros_like(right)
+            left[:, :2] = start + np.array([0.35, 0.25])
+            left[:, 2], left[:, 3], left[:, 4:] = -0.1, 1.4, HANDSHAPES[1]
+    else:
+        left = _rest_states(n, rng)[:, 9:]
+    return np.concatenate([right, left], 1)
+
+
+def _rest_states(n, rng):
+    rest = np.zeros((n, 18))
+    for h, base in enumerate(REST):
+        rest[:, 9 * h:9 * h + 2] = base + rng.normal(0, 0.01, 2)
+        rest[:, 9 * h + 2] = 0.0
+        rest[:, 9 * h + 3] = 0.3 * (1 - 2 * h)
+        rest[:, 9 * h + 4:9 * h + 9] = 0.5
+    return rest
+
+
+def _blend(a, b, n):
+    """n transition frames from state a to state b (co-articulation)."""
+    w = (0.5 - 0.5 * np.cos(np.pi * np.arange(1, n + 1) / (n + 1)))[:, None]
+    return (1 - w) * a + w * b
+
+
+def _render_hand(state, scale, side):
+    """21 MediaPipe hand points (n, 21, 3) from (n, 9) states, in shoulder-width units."""
+    n = len(state)
+    wrist = state[:, :3]
+    angle = state[:, 3]
+    curl = state[:, 4:9]
+    base = FINGER_BASE * np.array([side, 1.0])
+    points = np.zeros((n, 21, 3))
+    points[:, 0] = wrist
+    cos, sin = np.cos(angle)[:, None], np.sin(angle)[:, None]
+    for f in range(5):
+        pos = np.broadcast_to(base[f] * 0.8, (n, 2)).copy()
+        direction = np.arctan2(base[f][1], base[f][0]) * np.ones(n)
+        for j in range(4):
+            bend = curl[:, f] * (0.5 + 0.35 * j) * (-side if f == 0 else 1.0)
+            step = FINGER_LEN[f] * (1.0 if j == 0 else 0.7 ** j) * (0.6 if j == 0 else 1.0)
+            direction = direction + bend * (0.9 if f else 0.6)
+            pos = pos + step * np.stack([np.cos(direction), np.sin(direction)], 1)
+            local = pos * 0.55
+            rotated = np.stack([cos[:, 0] * local[:, 0] - sin[:, 0] * local[:, 1],
+                                sin[:, 0] * local[:, 0] + cos[:, 0] * local[:, 1]], 1)
+            points[:, 1 + 4 * f + j, :2] = wrist[:, :2] + rotated
+            points[:, 1 + 4 * f + j, 2] = wrist[:, 2] - 0.05 * curl[:, f] * (j + 1)
+    return points
+
+
+def _render(states, signer, rng):
+    """(n, 543, 3) image-normalised keypoints from (n, 18) states for one signer."""
+    n = len(states)
+    sway = signer["sway"] * np.sin(np.arange(n) / 9.0 + rng.uniform(0, 6))[:, None] * np.array([1.0, 0.3])
+    body = np.zeros((n, 33, 3))
+    template = signer["body"]
+    body[:] = template
+    body[:, :, :2] += sway[:, None]
+    right = _render_hand(states[:, :9], 1, -1.0)
+    left = _render_hand(states[:, 9:], 1, 1.0)
+    for h, (wrist_id, shoulder_id, elbow_id, hand) in enumerate([(16, 12, 14, right), (15, 11, 13, left)]):
+        shoulder = body[:, shoulder_id, :2]
+        wrist = hand[:, 0, :2] + sway
+        hand[:, :, :2] += sway[:, None]
+        middle = (shoulder + wrist) / 2
+        gap = np.linalg.norm(wrist - shoulder, axis=1, keepdims=True)
+        outward = np.stack([np.full(n, 1.0 if h else -1.0), np.full(n, 0.4)], 1)
+        body[:, elbow_id, :2] = middle + outward * np.sqrt(np.clip(0.64 - (gap / 2) ** 2, 0.01, None))
+        body[:, wrist_id, :2] = wrist
+        for pose_id, hand_id in zip((18 - h, 20 - h, 22 - h), (17, 5, 4)):  # pinky, index, thumb
+            body[:, pose_id] = hand[:, hand_id]
+        body[:, wrist_id, 2] = hand[:, 0, 2]
+    face = signer["face"][None] + np.concatenate([sway, np.zeros((n, 1))], 1)[:, None]
+    points = np.concatenate([body, face, left, right], 1)           # MediaPipe order
+    points[:, :, :2] = points[:, :, :2] * signer["scale"] * 0.24 + signer["origin"]
+    points[:, :, 2] *= signer["scale"] * 0.24
+    points += rng.normal(0, signer["jitter"], points.shape)
+    return points
+
+
+def _signer(k, rng):
+    body = np.zeros((33, 3))
+    body[0, :2] = [0, -0.85]                                          # nose
+    body[1:4, :2] = [[0.08, -0.97], [0.12, -0.97], [0.16, -0.97]]      # left eye
+    body[4:7, :2] = [[-0.08, -0.97], [-0.12, -0.97], [-0.16, -0.97]]   # right eye
+    body[7:9, :2] = [[0.25, -0.92], [-0.25, -0.92]]
+    body[9:11, :2] = [[0.07, -0.68], [-0.07, -0.68]]
+    body[11:13, :2] = [[0.5, 0.0], [-0.5, 0.0]]
+    body[23:25, :2] = [[0.32, 1.9], [-0.32, 1.9]]
+    body[25:33, :2] = [[0.3, 2.9], [-0.3, 2.9], [0.3, 3.8], [-0.3, 3.8], [0.3, 3.9], [-0.3, 3.9],
+                       [0.35, 4.0], [-0.35, 4.0]]
+    body[:, :2] *= rng.uniform(0.92, 1.08, 2)                          # the signer's build
+    angle = rng.uniform(0, 2 * np.pi, 468)
+    radius = np.sqrt(rng.uniform(0, 1, 468))
+    face = np.stack([0.3 * radius * np.cos(angle), -0.85 + 0.4 * radius * np.sin(angle),
+                     -0.1 * (1 - radius)], 1) * np.array([rng.uniform(0.9, 1.1), rng.uniform(0.9, 1.1), 1])
+    return dict(id=k, body=body, face=face, scale=rng.uniform(0.8, 1.2),
+                origin=np.array([0.5 + rng.uniform(-0.08, 0.08), 0.42 + rng.uniform(-0.05, 0.05)]),
+                speed=rng.uniform(0.8, 1.25), jitter=rng.uniform(0.001, 0.004), sway=rng.uniform(0.01, 0.04),
+                amplitude=rng.uniform(0.85, 1.15), location=rng.normal(0, 0.06, 2), lax=rng.uniform(0, 0.2),
+                missing_at_rest=rng.uniform(0, 0.6))
+
+
+def _perform(gloss, lexicon, signer, rng):
+    """One signer signs one gloss sentence: keypoints (F, 1, 543, 3) and the gloss segments."""
+    parts, segments, cursor = [], [], 0
+    short = rng.random() < (0.25 if len(gloss) <= 2 else 0.02)   # a clip cut tight around the signing
+    long_pause = rng.random() < 0.02                  # a signer who hesitates: a long hold mid-sentence
+    rest_len = 0 if short else int(rng.integers(4, 11))
+    rest = _rest_states(max(rest_len, 1), rng)
+    if rest_len:
+        parts.append(rest[:rest_len])
+        cursor += rest_len
+    previous = rest[-1]
+    for i, g in enumerate(gloss):
+        spec = lexicon[g]
+        n = int(np.clip(round(spec["duration"] * signer["speed"] * rng.uniform(0.85, 1.15)), 8, 25))
+        states = _gloss_states(spec, n, signer, rng)
+        states[:, :2] += rng.normal(0, 0.02, 2)
+        gap = (int(rng.integers(3, 6)) if i == 0 else int(rng.integers(2, 5))) if not (short and i == 0) else 0
+        if long_pause and i == len(gloss) // 2:
+            hold = int(rng.integers(30, 80))
+            parts.append(np.repeat(previous[None], hold, 0) + rng.normal(0, 0.005, (hold, 18)))
+            cursor += hold
+        if gap:
+            parts.append(_blend(previous, states[0], gap))
+            cursor += gap
+        parts.append(states)
+        segments.append((cursor, cursor + n))
+        cursor += n
+        previous = states[-1]
+    if not short:
+        end_rest = _rest_states(int(rng.integers(4, 11)), rng)
+        parts += [_blend(previous, end_rest[0], int(rng.integers(3, 6))), end_rest]
+    states = np.concatenate(parts)
+    points = _render(states, signer, rng)
+    # hand detection faults: hands low at rest are often lost, and short runs of misses anywhere
+    for h, ids in enumerate((RIGHT_HAND, LEFT_HAND)):
+        low = states[:, 9 * h + 1] > 1.2
+        lost = low & (rng.random() < signer["missing_at_rest"])
+        if rng.random() < 0.3:
+            start = int(rng.integers(0, len(states)))
+            lost[start:start + int(rng.integers(2, 7))] = True
+        points[np.ix_(lost, ids)] = np.nan
+    return points[:, None].astype(np.float32), segments
+
+
+def generate_synthetic_gsl(path, n_sentences=300, n_signers=7, reps=1, seed=0):
+    """Write the synthetic GSL (DATA.md section 4) to `path` in the GSL layout plus alignments.csv.
+
+    Every signer signs every sentence `reps` times; the last signer is the test split, the one
+    before it validation (signer-independent, like GSL SI). The folder appears atomically.
+    """
+    rng = np.random.default_rng(seed)
+    lexicon = _gloss_lexicon(rng)
+    sentences, seen = [], set()
+    while len(sentences) < n_sentences:
+        gloss, text = _sentence(rng)
+        if tuple(gloss) not in seen:
+            seen.add(tuple(gloss))
+            sentences.append((gloss, text))
+    signers = [_signer(k, rng) for k in range(n_signers)]
+    split_of = {n_signers - 1: "test", n_signers - 2: "val"}
+    tmp = f"{path}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(os.path.join(tmp, "poses"))
+    rows, alignments = [], []
+    for signer in signers:
+        for rep in range(reps):
+            for j, (gloss, text) in enumerate(sentences):
+                sid = f"synth_signer{signer['id'] + 1}_rep{rep + 1}_sentences{j:04d}"
+                points, segments = _perform(gloss, lexicon, signer, rng)
+                np.save(os.path.join(tmp, "poses", sid + ".npy"), points)
+                rows.append([sid, " ".join(text), " ".join(gloss), split_of.get(signer["id"], "train")])
+                alignments += [[sid, p, g, a, b] for p, (g, (a, b)) in enumerate(zip(gloss, segments))]
+    with open(os.path.join(tmp, "annotations.csv"), "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["id", "text", "gloss", "split"]] + rows)
+    with open(os.path.join(tmp, "alignments.csv"), "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["id", "position", "gloss", "start", "end"]] + alignments)
+    with open(os.path.join(tmp, "metadata.json"), "w", encoding="utf-8") as f:
+        json.dump(dict(name="Synthetic GSL", id="synthetic_gsl", input_language="gsl", output_language="el",
+                       fps=30, seed=seed, sentences=n_sentences, signers=n_signers, repetitions=reps,
+                       glosses=len(SYNTHETIC_GLOSSES), test_signer=n_signers, val_signer=n_signers - 1),
+                  f, ensure_ascii=False, indent=1)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return path
+
+
+# --- 1b. Readers: the GSL layout and signjoey pickles ----------------------------------------------
+
+@dataclass
+class Record:
+    """One sample as read from disk: frames are the selected features at the original frame rate."""
+    id: str
+    split: str
+    gloss: list
+    text: list
+    frames: np.ndarray                 # (F, features) float32, NaN where a keypoint was not detected
+
+
+def _read_csv(path, required):
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None:
+                raise DataError(f"{path}: empty file (expected a header {','.join(required)})")
+            names = [n.strip() for n in reader.fieldnames]
+            missing = [c for c in required if c not in names]
+            if missing:
+                raise DataError(f"{path}: line 1: missing column(s) {', '.join(missing)} (found {', '.join(names)})")
+            reader.fieldnames = names
+            rows = [(reader.line_num, row) for row in reader]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: unreadable CSV ({e})") from None
+    if not rows:
+        raise DataError(f"{path}: no rows after the header")
+    return rows
+
+
+def _safe_pose_path(folder, sample_id):
+    """poses/<id>.npy, refusing ids that would leave the dataset folder."""
+    poses = os.path.realpath(os.path.join(folder, "poses"))
+    path = os.path.realpath(os.path.join(poses, sample_id + ".npy"))
+    if (not sample_id or os.path.isabs(sample_id) or "/" in sample_id or "\\" in sample_id or "\0" in sample_id
+            or os.path.dirname(path) != poses):
+        return None
+    return path
+
+
+def select_keypoints(pose, keypoints="body+hands", coords=2):
+    """(F, 1, 543, D) MediaPipe array -> (F, len(keypoints) * coords) float32 features."""
+    return pose[:, 0, KEYPOINT_SETS[keypoints], :coords].reshape(len(pose), -1).astype(np.float32)
+
+
+def read_gsl(folder, splits=SPLITS, keypoints="body+hands", coords=2, on_bad=None):
+    """Read the SignAttention/GSL layout (DATA.md section 1) -> list of Record.
+
+    on_bad(message) is called for a bad sample, which is then skipped; without it the first bad sample
+    raises DataError. Problems with the annotations file itself always raise.
+    """
+    annotations = os.path.join(folder, "annotations.csv")
+    records = []
+    for line, row in _read_csv(annotations, ("id", "text", "gloss", "split")):
+        sid, split = (row["id"] or "").strip(), (row["split"] or "").strip()
+        where = f"{annotations}: line {line}"
+        try:
+            if split not in SPLITS:
+                raise DataError(f"{where}: unknown split {split!r} (expected one of {', '.join(SPLITS)})")
+            if split not in splits:
+                continue
+            path = _safe_pose_path(folder, sid)
+            if path is None:
+                raise DataError(f"{where}: id {sid!r} is not a plain file name inside {folder}/poses")
+            gloss, text = (row["gloss"] or "").split(), (row["text"] or "").split()
+            if not gloss or not text:
+                raise DataError(f"{where}: empty {'gloss' if not gloss else 'text'} for id {sid}")
+            frames = select_keypoints(_read_pose(path, coords), keypoints, coords)
+            if not np.isfinite(frames).any():
+                raise DataError(f"{path}: every selected keypoint is NaN (nothing was detected)")
+            records.append(Record(sid, split, gloss, text, frames))
+        except DataError as e:
+            if on_bad is None:
+                raise
+            on_bad(str(e))
+    return records
+
+
+def _read_pose(path, coords):
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: pose file not found")
+    try:
+        pose = np.load(path, allow_pickle=False)
+    except Exception as e:  # a truncated or foreign file: numpy raises several kinds
+        raise DataError(f"{path}: unreadable pose file ({type(e).__name__}: {e})".splitlines()[0]) from None
+    if pose.ndim != 4:
+        raise DataError(f"{path}: pose array has rank {pose.ndim}, expected 4 (frames, 1, 543, coords)")
+    if pose.shape[2] != N_KEYPOINTS or pose.shape[3] < coords or pose.shape[1] < 1:
+        raise DataError(f"{path}: pose array has shape {pose.shape}, expected (frames, 1, 543, >={coords})")
+    if pose.shape[0] == 0:
+        raise DataError(f"{path}: zero frames")
+    if not np.issubdtype(pose.dtype, np.floating):
+        raise DataError(f"{path}: pose array has dtype {pose.dtype}, expected float")
+    return pose
+
+
+class _TensorUnpickler(pickle.Unpickler):
+    """Admits only what tensors, numpy arrays and plain containers need; anything else is refused."""
+    ALLOWED = {("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"),
+               ("torch._utils", "_rebuild_tensor"), ("torch._tensor", "_rebuild_from_type_v2"),
+               ("torch", "Tensor"), ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+               ("builtins", "set"), ("builtins", "frozenset")} | {
+        ("torch", s) for s in ("FloatStorage", "DoubleStorage", "HalfStorage", "LongStorage", "IntStorage",
+                               "BFloat16Storage", "ByteStorage", "BoolStorage")}
+
+    def __init__(self, file, name):
+        super().__init__(file)
+        self.name = name
+
+    def find_class(self, module, name):
+        if (module, name) == ("torch.storage", "_load_from_bytes"):    # a tensor's storage, saved by torch
+            return lambda b: torch.load(io.BytesIO(b), weights_only=True)
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise DataError(f"{self.name}: refused to load: the pickle asks for {module}.{name}, "
+                        "which is neither a tensor nor a plain container")
+
+
+def _signjoey_files(data):
+    if os.path.isdir(data):
+        found = sorted(f[:-len(".train")] for f in os.listdir(data) if f.endswith(".train"))
+        if len(found) != 1:
+            raise DataError(f"{data}: expected one <prefix>.train/.dev/.test set, found {len(found)}")
+        data = os.path.join(data, found[0])
+    return {split: f"{data}.{suffix}" for split, suffix in (("train", "train"), ("val", "dev"), ("test", "test"))}
+
+
+def read_signjoey(data, splits=SPLITS, on_bad=None):
+    """Read signjoey / PHOENIX-2014-T feature pickles (DATA.md section 2) -> list of Record."""
+    records = []
+    for split, path in _signjoey_files(data).items():
+        if split not in splits:
+            continue
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: file not found")
+        try:
+            with open(path, "rb") as raw:
+                magic = raw.read(2)
+                raw.seek(0)
+                f = gzip.open(raw) if magic == b"\x1f\x8b" else raw
+                items = _TensorUnpickler(f, path).load()
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"{path}: unreadable pickle ({type(e).__name__}: {e})".splitlines()[0]) from None
+        if not isinstance(items, (list, tuple)):
+            raise DataError(f"{path}: expected a list of samples, found {type(items).__name__}")
+        for i, item in enumerate(items):
+            where = f"{path}: sample {i}"
+            try:
+                if not isinstance(item, dict) or not {"name", "gloss", "text", "sign"} <= set(item):
+                    raise DataError(f"{where}: expected a dict with name, gloss, text, sign")
+                sign = item["sign"]
+                sign = sign.float().numpy() if isinstance(sign, torch.Tensor) else np.asarray(sign, np.float32)
+                if sign.ndim != 2 or len(sign) == 0:
+                    raise DataError(f"{where} ({item['name']}): sign has shape {sign.shape}, expected (frames>0, features)")
+                if not np.isfinite(sign).any():
+                    raise DataError(f"{where} ({item['name']}): every feature is NaN")
+                gloss, text = str(item["gloss"]).split(), str(item["text"]).split()
+                if not gloss or not text:
+                    raise DataError(f"{where} ({item['name']}): empty gloss or text")
+                records.append(Record(str(item["name"]), split, gloss, text, sign.astype(np.float32)))
+            except DataError as e:
+                if on_bad is None:
+                    raise
+                on_bad(str(e))
+    return records
+
+
+def read_alignments(folder):
+    """alignments.csv -> {id: [(position, gloss, start, end), ...]}, or {} when there is none."""
+    path = os.path.join(folder, "alignments.csv")
+    if not os.path.isfile(path):
+        return {}
+    segments = {}
+    for line, row in _read_csv(path, ("id", "position", "gloss", "start", "end")):
+        try:
+            entry = (int(row["position"]), row["gloss"], int(row["start"]), int(row["end"]))
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: line {line}: position, start and end must be integers") from None
+        segments.setdefault(row["id"], []).append(entry)
+    return segments
+
+
+# --- 1c. Vocabularies, preprocessing and batches -------------------------------------------------
+
+class Vocabulary:
+    """Word-level vocabulary with PAD/UNK/BOS/EOS at ids 0..3; PAD doubles as the CTC blank."""
+
+    def __init__(self, words):
+        self.itos = [PAD, UNK, BOS, EOS] + sorted(set(words) - {PAD, UNK, BOS, EOS})
+        self.stoi = {w: i for i, w in enumerate(self.itos)}
+
+    pad_id, unk_id, bos_id, eos_id = 0, 1, 2, 3
+
+    def __len__(self):
+        return len(self.itos)
+
+    def encode(self, words):
+        return [self.stoi.get(w, self.unk_id) for w in words]
+
+    def decode(self, ids):
+        """Token ids -> words, stopping at EOS and dropping specials."""
+        words = []
+        for i in ids:
+            i = int(i)
+            if i == self.eos_id:
+                break
+            if i > self.eos_id:
+                words.append(self.itos[i] if i < len(self.itos) else UNK)
+        return words
+
+    @classmethod
+    def from_list(cls, itos):
+        vocab = cls([])
+        vocab.itos, vocab.stoi = list(itos), {w: i for i, w in enumerate(itos)}
+        return vocab
+
+
+def normalise_pose(frames, keypoints):
+    """Centre on the mid-shoulder point and scale by the shoulder width (sample means), in place.
+
+    Removes the signer's position and size, which the held-out-signer split makes essential. Applies
+    only to keypoint features that include the shoulders; other features pass unchanged.
+    """
+    ids = KEYPOINT_SETS.get(keypoints, [])
+    if L_SHOULDER not in ids or R_SHOULDER not in ids:
+        return frames
+    points = frames.reshape(len(frames), len(ids), -1)
+    left, right = points[:, ids.index(L_SHOULDER), :2], points[:, ids.index(R_SHOULDER), :2]
+    if not (np.isfinite(left).all(1) & np.isfinite(right).all(1)).any():
+        return frames
+    with np.errstate(invalid="ignore"):
+        centre = np.nanmean((left + right) / 2, 0)
+        width = np.nanmean(np.linalg.norm(left - right, axis=1))
+    points[:, :, :2] = (points[:, :, :2] - centre) / max(width, 1e-6)
+    return frames
+
+
+@dataclass
+class DataConfig:
+    """How records become model inputs (saved with the model, so eval and extract match training)."""
+    format: str = "gsl"
+    keypoints: str = "body+hands"
+    coords: int = 2
+    normalise: bool = True          # centre and scale by the shoulders
+    subsample: int = 2              # keep one frame per chunk of this many (random in training)
+    max_frames: int = 400           # after subsampling
+    max_tokens: int = 20            # output tokens before EOS
+    target: str = "text"            # what the decoder writes: text or gloss
+    augment: bool = True            # random rotation, scale and shift in training
+
+
+def load_records(data, cfg, splits=SPLITS, on_bad=None):
+    if cfg.format == "signjoey":
+        records = read_signjoey(data, splits, on_bad)
+    else:
+        records = read_gsl(data, splits, cfg.keypoints, cfg.coords, on_bad)
+        if cfg.normalise:
+            for r in records:
+                normalise_pose(r.frames, cfg.keypoints)
+    return records
+
+
+class SignDataset:
+    """Records with vocabularies and the time/augmentation transforms; batches are padded tensors."""
+
+    def __init__(self, records, cfg, gloss_vocab, text_vocab, train=False):
+        self.records, self.cfg, self.train = records, cfg, train
+        self.gloss_vocab, self.text_vocab = gloss_vocab, text_vocab
+        self.target_vocab = gloss_vocab if cfg.target == "gloss" else text_vocab
+
+    def __len__(self):
+        return len(self.records)
+
+    def frames(self, i, generator=None):
+        """Subsampled (and in training augmented) frames of sample i, NaN set to 0."""
+        x = self.records[i].frames
+        k = self.cfg.subsample
+        starts = np.arange(0, len(x), k)
+        if self.train and generator is not None and k > 1:
+            sizes = np.minimum(k, len(x) - starts)
+            offsets = (torch.rand(len(starts), generator=generator).numpy() * sizes).astype(int)
+            x = x[starts + offsets]
+        else:
+            x = x[starts]
+        x = x[:self.cfg.max_frames]
+        if self.train and generator is not None and self.cfg.augment and self.cfg.format != "signjoey":
+            x = _augment(x, self.cfg.coords, generator)
+        return np.nan_to_num(x, nan=0.0)
+
+    def tokens(self, i):
+        r = self.records[i]
+        words = r.gloss if self.cfg.target == "gloss" else r.text
+        return self.target_vocab.encode(words[:self.cfg.max_tokens])
+
+    def batch(self, indices, generator=None):
+        """Padded batch: src (B, T, F), src_mask (B, T) True = real frame, tgt_in/tgt_out (B, n),
+        gloss ids (B, g) with lengths for CTC."""
+        frames = [self.frames(i, generator) for i in indices]
+        T = max(len(x) for x in frames)
+        src = torch.zeros(len(indices), T, frames[0].shape[1])
+        src_mask = torch.zeros(len(indices), T, dtype=torch.bool)
+        for b, x in enumerate(frames):
+            src[b, :len(x)] = torch.from_numpy(x)
+            src_mask[b, :len(x)] = True
+        tokens = [self.tokens(i) for i in indices]
+        n = max(len(t) for t in tokens) + 1
+        tgt_in = torch.full((len(indices), n), self.target_vocab.pad_id)
+        tgt_out = torch.full((len(indices), n), self.target_vocab.pad_id)
+        for b, t in enumerate(tokens):
+            tgt_in[b, :len(t) + 1] = torch.tensor([self.target_vocab.bos_id] + t)
+            tgt_out[b, :len(t) + 1] = torch.tensor(t + [self.target_vocab.eos_id])
+        glosses = [self.gloss_vocab.encode(self.records[i].gloss) for i in indices]
+        gloss = torch.zeros(len(indices), max(len(g) for g in glosses), dtype=torch.long)
+        for b, g in enumerate(glosses):
+            gloss[b, :len(g)] = torch.tensor(g)
+        return dict(src=src, src_mask=src_mask, tgt_in=tgt_in, tgt_out=tgt_out, gloss=gloss,
+                    gloss_lengths=torch.tensor([len(g) for g in glosses]), index=list(indices))
+
+    def batches(self, batch_size, generator=None, shuffle=False):
+        """Index lists; shuffled batches are drawn from length-sorted pools to limit padding."""
+        if not shuffle:
+            order = list(range(len(self)))
+            return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        order = torch.randperm(len(self), generator=generator).tolist()
+        pool = batch_size * 16
+        out = []
+        for p in range(0, len(order), pool):
+            chunk = sorted(order[p:p + pool], key=lambda i: len(self.records[i].frames))
+            out += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        perm = torch.randperm(len(out), generator=generator).tolist()
+        return [out[i] for i in perm]
+
+
+def _augment(x, coords, generator):
+    """Random rotation (+-10 deg), scale (+-10%) and shift (+-0.1) of the 2-D coordinates."""
+    r = torch.rand(4, generator=generator).numpy() * 2 - 1
+    angle, scale, shift = r[0] * np.pi / 18, 1 + 0.1 * r[1], 0.1 * r[2:4]
+    rot = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]], np.float32)
+    points = x.reshape(len(x), -1, coords).copy()
+    points[..., :2] = points[..., :2] @ rot.T + shift
+    return points.reshape(len(x), -1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Model
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class ModelConfig:
+    in_features: int = 150
+    n_gloss: int = 0                 # gloss vocabulary size (CTC head)
+    n_out: int = 0                   # decoder vocabulary size
+    d_model: int = 128
+    heads: int = 4
+    encoder_layers: int = 3
+    decoder_layers: int = 2
+    feedforward: int = 512
+    embed_hidden: int = 128          # hidden width of the per-frame embedder
+    dropout: float = 0.1
+    pos_dropout: float = 0.1
+    norm_first: bool = True          # pre-LayerNorm (False: post-LayerNorm, as SignAttention)
+
+
+class Attention(nn.Module):
+    """Multi-head attention, written out. With `keep` set, the post-softmax map (B, heads, q, k) is kept
+    on `self.attention` and retains its gradient; otherwise the fused scaled_dot_product_attention runs."""
+
+    def __init__(self, d_model, heads, dropout):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.query, self.key, self.value, self.proj = (nn.Linear(d_model, d_model) for _ in range(4))
+        self.keep, self.attention = False, None
+
+    def forward(self, x, memory, mask):
+        """x (B, q, C) attends to memory (B, k, C); mask (B or 1, q or 1, k) bool, True = may attend."""
+        B, Tq, C = x.shape
+        Tk, h = memory.shape[1], self.heads
+        q = self.query(x).view(B, Tq, h, C // h).transpose(1, 2)        # (B, h, q, hs)
+        k = self.key(memory).view(B, Tk, h, C // h).transpose(1, 2)     # (B, h, k, hs)
+        v = self.value(memory).view(B, Tk, h, C // h).transpose(1, 2)
+        p = self.dropout if self.training else 0.0
+        if self.keep:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(C // h)
+            att = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1)   # (B, h, q, k)
+            if att.requires_grad:
+                att.retain_grad()
+            self.attention = att
+            y = F.dropout(att, p, self.training) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], dropout_p=p)
+        return self.proj(y.transpose(1, 2).reshape(B, Tq, C))
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, d_model, hidden, dropout):
+        super().__init__(nn.Linear(d_model, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, d_model))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm_first = cfg.norm_first
+        self.self_attention = Attention(cfg.d_model, cfg.heads, cfg.dropout)
+        self.feedforward = FeedForward(cfg.d_model, cfg.feedforward, cfg.dropout)
+        self.norm1, self.norm2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, mask):
+        if self.norm_first:
+            h = self.norm1(x)
+            x = x + self.drop(self.self_attention(h, h, mask))
+            return x + self.drop(self.feedforward(self.norm2(x)))
+        x = self.norm1(x + self.drop(self.self_attention(x, x, mask)))
+        return self.norm2(x + self.drop(self.feedforward(x)))
+
+
+class DecoderLayer(nn.Module):
+    """Self-attention over previous tokens, cross-attention over the video, feed-forward. With `keep`,
+    the two attention branches' outputs are kept too (how much each step draws on video vs tokens)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm_first = cfg.norm_first
+        self.self_attention = Attention(cfg.d_model, cfg.heads, cfg.dropout)
+        self.cross_attention = Attention(cfg.d_model, cfg.heads, cfg.dropout)
+        self.feedforward = FeedForward(cfg.d_model, cfg.feedforward, cfg.dropout)
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(cfg.d_model) for _ in range(3))
+        self.drop = nn.Dropout(cfg.dropout)
+        self.branches = None
+
+    def forward(self, y, memory, self_mask, cross_mask):
+        if self.norm_first:
+            h = self.norm1(y)
+            s = self.self_attention(h, h, self_mask)
+            y = y + self.drop(s)
+            c = self.cross_attention(self.norm2(y), memory, cross_mask)
+            y = y + self.drop(c)
+            out = y + self.drop(self.feedforward(self.norm3(y)))
+        else:
+            s = self.self_attention(y, y, self_mask)
+            y = self.norm1(y + self.drop(s))
+            c = self.cross_attention(y, memory, cross_mask)
+            y = self.norm2(y + self.drop(c))
+            out = self.norm3(y + self.drop(self.feedforward(y)))
+        if self.cross_attention.keep:
+            self.branches = (s, c)                   # (B, n, C) each: previous tokens, video
+        return out
+
+
+def sinusoid(length, d_model, device=None):
+    position = torch.arange(length, device=device, dtype=torch.float32)[:, None]
+    rate = torch.exp(torch.arange(0, d_model, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    pe = torch.zeros(length, d_model, device=device)
+    pe[:, 0::2], pe[:, 1::2] = torch.sin(position * rate), torch.cos(position * rate)
+    return pe
+
+
+class SignTranslator(nn.Module):
+    """Frames -> per-frame embedder -> + sinusoidal positions -> transformer encoder (-> CTC gloss head)
+    -> autoregressive transformer decoder -> token logits."""
+    pad_id, unk_id, bos_id, eos_id = Vocabulary.pad_id, Vocabulary.unk_id, Vocabulary.bos_id, Vocabulary.eos_id
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.embed = nn.Sequential(nn.Linear(cfg.in_features, cfg.embed_hidden), nn.ReLU(),
+                                   nn.Linear(cfg.embed_hidden, d), nn.ReLU())
+        self.pos_drop = nn.Dropout(cfg.pos_dropout)
+        self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
+        self.encoder_norm = nn.LayerNorm(d) if cfg.norm_first else nn.Identity()
+        self.gloss_head = nn.Linear(d, cfg.n_gloss)
+        self.token_embed = nn.Embedding(cfg.n_out, d, padding_idx=self.pad_id)
+        self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
+        self.decoder_norm = nn.LayerNorm(d) if cfg.norm_first else nn.Identity()
+        self.head = nn.Linear(d, cfg.n_out)
+
+    def attention_modules(self):
+        """{'encoder_self': [...], 'decoder_self': [...], 'decoder_cross': [...]}, one module per layer."""
+        return {"encoder_self": [l.self_attention for l in self.encoder],
+                "decoder_self": [l.self_attention for l in self.decoder],
+                "decoder_cross": [l.cross_attention for l in self.decoder]}
+
+    def keep_attention(self, keep=True):
+        """Switch every attention to the explicit path that keeps its map (and its gradient)."""
+        for group in self.attention_modules().values():
+            for module in group:
+                module.keep, module.attention = keep, None
+        return self
+
+    def encode(self, src, src_mask):
+        """src (B, T, F), src_mask (B, T) -> memory (B, T, C)."""
+        x = self.embed(src) + sinusoid(src.shape[1], self.cfg.d_model, src.device)
+        x = self.pos_drop(x)
+        mask = src_mask[:, None, :]
+        for layer in self.encoder:
+            x = layer(x, mask)
+        return self.encoder_norm(x)
+
+    def gloss_logits(self, memory):
+        return self.gloss_head(memory)
+
+    def decode(self, memory, src_mask, tgt_in):
+        """Teacher-forced decoder: tgt_in (B, n) starting with BOS -> logits (B, n, V)."""
+        n = tgt_in.shape[1]
+        y = self.token_embed(tgt_in) * math.sqrt(self.cfg.d_model) + sinusoid(n, self.cfg.d_model, tgt_in.device)
+        y = self.pos_drop(y)
+        causal = torch.ones(n, n, dtype=torch.bool, device=tgt_in.device).tril()[None]
+        cross = src_mask[:, None, :]
+        for layer in self.decoder:
+            y = layer(y, memory, causal, cross)
+        return self.head(self.decoder_norm(y))
+
+    def forward(self, src, src_mask, tgt_in):
+        return self.decode(self.encode(src, src_mask), src_mask, tgt_in)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Decoding
+# ----------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def greedy_decode(model, src, src_mask, max_len=30, memory=None):
+    """(B, L) token ids, each row ending with EOS (or cut at max_len) and padded with PAD."""
+    memory = model.encode(src, src_mask) if memory is None else memory
+    B = src.shape[0]
+    seq = torch.full((B, 1), model.bos_id, dtype=torch.long, device=src.device)
+    done = torch.zeros(B, dtype=torch.bool, device=src.device)
+    for _ in range(max_len):
+        token = model.decode(memory, src_mask, seq)[:, -1].argmax(-1)
+        token = token.masked_fill(done, model.pad_id)
+        seq = torch.cat([seq, token[:, None]], 1)
+        done |= token == model.eos_id
+        if done.all():
+            break
+    return seq[:, 1:]
+
+
+@torch.no_grad()
+def beam_search(model, src, src_mask, beam=4, alpha=1.0, max_len=30, memory=None):
+    """Batched beam search on log-probabilities with the GNMT length penalty ((5 + len) / 6) ** alpha.
+
+    Returns (B, L) token ids like greedy_decode. beam=1 falls back to greedy decoding.
+    """
+    if beam <= 1:
+        return greedy_decode(model, src, src_mask, max_len, memory)
+    memory = model.encode(src, src_mask) if memory is None else memory
+    B, K, dev = src.shape[0], beam, src.device
+    memory = memory.repeat_interleave(K, 0)
+    mask = src_mask.repeat_interleave(K, 0)
+    seqs = torch.full((B * K, 1), model.bos_id, dtype=torch.long, device=dev)
+    scores = torch.full((B, K), float("-inf"), device=dev)
+    scores[:, 0] = 0.0
+    best_score = torch.full((B,), float("-inf"), device=dev)
+    best = [None] * B
+
+    def penalty(length):
+        return ((5.0 + length) / 6.0) ** alpha
+
+    for step in range(1, max_len + 1):
+        logp = model.decode(memory, mask, seqs)[:, -1].log_softmax(-1)            # (B*K, V)
+        V = logp.shape[-1]
+        cand = (scores[:, :, None] + logp.view(B, K, V)).view(B, K * V)
+        top, idx = cand.topk(2 * K, dim=1)                                          # (B, 2K)
+        origin, token = idx // V, idx % V
+        ended = token == model.eos_id
+        if step == max_len:
+            ended = torch.ones_like(ended)
+        finished = torch.where(ended, top / penalty(step), torch.full_like(top, float("-inf")))
+        f_score, f_pos = finished.max(1)
+        for b in torch.nonzero(f_score > best_score).flatten().tolist():
+            best_score[b] = f_score[b]
+            k = origin[b, f_pos[b]]
+            best[b] = seqs[b * K + k, 1:].tolist() + [int(token[b, f_pos[b]])]
+        alive = top.masked_fill(ended, float("-inf"))
+        scores, pick = alive.topk(K, dim=1)
+        rows = (torch.arange(B, device=dev)[:, None] * K + origin.gather(1, pick)).flatten()
+        seqs = torch.cat([seqs[rows], token.gather(1, pick).reshape(-1, 1)], 1)
+        if (best_score >= scores.max(1).values / penalty(max_len)).all():
+            break
+    out = torch.full((B, max(len(s) for s in best)), model.pad_id, dtype=torch.long, device=dev)
+    for b, s in enumerate(best):
+        out[b, :len(s)] = torch.tensor(s, device=dev)
+    return out
+
+
+def ctc_decode(gloss_logits, src_mask, blank=0):
+    """Greedy CTC: best class per real frame, repeats merged, blanks dropped -> list of id lists."""
+    best = gloss_logits.argmax(-1).cpu()
+    lengths = src_mask.sum(1).cpu()
+    out = []
+    for path, n in zip(best, lengths):
+        path = torch.unique_consecutive(path[:n]).tolist()
+        out.append([i for i in path if i != blank])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Metrics (METHODS.md section Metrics)
+# ----------------------------------------------------------------------------------------------------
+
+def bleu(hypotheses, references):
+    """Cumulative corpus BLEU-1..4 (sacrebleu, tokenize='none' on whitespace tokens) and the signature."""
+    from sacrebleu.metrics import BLEU
+    scores, signature = {}, None
+    for n in range(1, 5):
+        metric = BLEU(tokenize="none", max_ngram_order=n)
+        scores[f"bleu{n}"] = metric.corpus_score(hypotheses, [references]).score
+        signature = str(metric.get_signature())
+    return scores, signature
+
+
+def chrf(hypotheses, references):
+    from sacrebleu.metrics import CHRF
+    return CHRF().corpus_score(hypotheses, [references]).score     # already 0-100
+
+
+def edit_distance(a, b):
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+    return row[-1]
+
+
+def wer(hypotheses, references):
+    """Corpus word error rate in %: total word-level edit distance / total reference words."""
+    errors = sum(edit_distance(h.split(), r.split()) for h, r in zip(hypotheses, references))
+    return 100.0 * errors / max(1, sum(len(r.split()) for r in references))
+
+
+def rouge_l(hypotheses, references, beta=1.2):
+    """Sentence-level ROUGE-L F (beta 1.2) averaged over sentences, in %."""
+    total = 0.0
+    for h, r in zip(hypotheses, references):
+        h, r = h.split(), r.split()
+        if not h or not r:
+            continue
+        lcs = [0] * (len(r) + 1)
+        for x in h:
+            prev = 0
+            for j, y in enumerate(r, 1):
+                prev, lcs[j] = lcs[j], (prev + 1 if x == y else max(lcs[j], lcs[j - 1]))
+        p, rec = lcs[-1] / len(h), lcs[-1] / len(r)
+        if p and rec:
+            total += (1 + beta ** 2) * p * rec / (rec + beta ** 2 * p)
+    return 100.0 * total / max(1, len(references))
+
+
+def translation_metrics(hypotheses, references):
+    """BLEU-1..4, chrF and ROUGE-L of whitespace-tokenised strings."""
+    scores, _ = bleu(hypotheses, references)
+    scores["chrf"] = chrf(hypotheses, references)
+    scores["rouge_l"] = rouge_l(hypotheses, references)
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Files: atomic checkpoints and load_model
+# ----------------------------------------------------------------------------------------------------
+
+def atomic_write(path, write):
+    """Write through `write(file)` into a temporary file beside `path`, fsync, then rename over it."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(path, state):
+    """Save a dict of tensors and plain data atomically: a kill at any moment leaves the old file."""
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path, device="cpu"):
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"{path}: checkpoint not found") from None
+    except Exception as e:
+        raise DataError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})".splitlines()[0]) from None
+
+
+def model_from_checkpoint(state, device="cpu"):
+    model = SignTranslator(ModelConfig(**state["model_config"]))
+    model.load_state_dict(state["model"])
+    model.data_config = DataConfig(**state["data_config"])
+    return model.to(device).eval()
+
+
+def load_model(path, device="cpu"):
+    """A run folder (its best checkpoint) or a checkpoint file -> (eval-mode model, gloss vocabulary,
+    text vocabulary). The model's `data_config` says how frames were preprocessed."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "best.pt")
+    state = load_checkpoint(path, device)
+    model = model_from_checkpoint(state, device)
+    return model, Vocabulary.from_list(state["gloss_vocab"]), Vocabulary.from_list(state["text_vocab"])
