@@ -29,7 +29,7 @@ SYNTHETIC = os.path.join("data", "synthetic_gsl")
 
 @dataclass
 class TrainConfig:
-    epochs: int = 40
+    epochs: int = 30
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.01

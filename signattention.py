@@ -455,8 +455,8 @@ def _read_csv(path, required):
 
 def _safe_pose_path(folder, sample_id):
     """poses/<id>.npy, refusing ids that would leave the dataset folder."""
-    poses = os.path.realpath(os.path.join(folder, "poses"))
-    path = os.path.realpath(os.path.join(poses, sample_id + ".npy"))
+    poses = os.path.normpath(os.path.join(folder, "poses"))
+    path = os.path.normpath(os.path.join(poses, sample_id + ".npy"))     # lexical: linked files are fine
     if (not sample_id or os.path.isabs(sample_id) or "/" in sample_id or "\\" in sample_id or "\0" in sample_id
             or os.path.dirname(path) != poses):
         return None

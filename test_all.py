@@ -1,0 +1,544 @@
+"""Tests: the maths pinned on small inputs, bad input refused clearly, and the commands run as a user runs them.
+
+    pytest test_all.py
+"""
+import csv
+import gzip
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import signattention as sa
+from sign_cl import SignCL, ctc_viterbi, sdr, signcl_margin
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RUN = [sys.executable, os.path.join(HERE, "run.py")]
+TINY_MODEL = ["--d-model", "32", "--encoder-layers", "1", "--decoder-layers", "1", "--batch-size", "8"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# fixtures
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_gsl(tmp_path_factory):
+    """A small synthetic GSL: 16 sentences x 3 signers (train, val, test)."""
+    return sa.generate_synthetic_gsl(str(tmp_path_factory.mktemp("data") / "gsl"), n_sentences=16, n_signers=3,
+                                     seed=1)
+
+
+def copy_gsl(src, dst, rows=None):
+    """A copy of a GSL folder (poses linked), optionally with the annotations rows replaced."""
+    os.makedirs(os.path.join(dst, "poses"))
+    for f in os.listdir(os.path.join(src, "poses")):
+        os.symlink(os.path.join(src, "poses", f), os.path.join(dst, "poses", f))
+    with open(os.path.join(src, "annotations.csv"), encoding="utf-8") as f:
+        original = list(csv.reader(f))
+    with open(os.path.join(dst, "annotations.csv"), "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows(original if rows is None else rows(original))
+    return dst
+
+
+def small_model(n_gloss=12, n_out=15, **kw):
+    torch.manual_seed(0)
+    cfg = sa.ModelConfig(in_features=6, n_gloss=n_gloss, n_out=n_out, d_model=16, heads=4, encoder_layers=2,
+                         decoder_layers=2, feedforward=32, embed_hidden=16, **kw)
+    return sa.SignTranslator(cfg).eval()
+
+
+def random_batch(B=3, T=11, n=5, F=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randn(B, T, F, generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    for b in range(1, B):
+        mask[b, T - 3 * b:] = False
+    tgt = torch.randint(4, 15, (B, n), generator=g)
+    tgt[:, 0] = sa.SignTranslator.bos_id
+    return src, mask, tgt
+
+
+def run(args, cwd, timeout=300):
+    return subprocess.run(RUN + args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------------------------------
+# synthetic GSL
+# ----------------------------------------------------------------------------------------------------
+
+def test_synthetic_gsl_layout_and_ground_truth(tiny_gsl):
+    rows = list(csv.DictReader(open(os.path.join(tiny_gsl, "annotations.csv"), encoding="utf-8")))
+    assert len(rows) == 48 and {r["split"] for r in rows} == {"train", "val", "test"}
+    # signer-independent: each split is one signer's set
+    signers = {s: {r["id"].split("_")[1] for r in rows if r["split"] == s} for s in sa.SPLITS}
+    assert signers["test"] == {"signer3"} and signers["val"] == {"signer2"} and signers["train"] == {"signer1"}
+    segments = sa.read_alignments(tiny_gsl)
+    for r in rows:
+        pose = np.load(os.path.join(tiny_gsl, "poses", r["id"] + ".npy"))
+        assert pose.dtype == np.float32 and pose.shape[1:] == (1, 543, 3)
+        assert np.isfinite(pose[:, 0, sa.BODY]).all() and np.isfinite(pose[:, 0, sa.FACE]).all()
+        gloss = r["gloss"].split()
+        seg = sorted(segments[r["id"]])
+        assert [g for _, g, _, _ in seg] == gloss
+        assert all(8 <= b - a <= 25 and 0 <= a < b <= len(pose) for _, _, a, b in seg)
+        assert all(seg[i][3] <= seg[i + 1][2] for i in range(len(seg) - 1))
+        assert 1 <= len(gloss) <= 8
+    assert len(sa.SYNTHETIC_GLOSSES) >= 40
+    with open(os.path.join(tiny_gsl, "metadata.json"), encoding="utf-8") as f:
+        assert json.load(f)["test_signer"] == 3
+
+
+def test_synthetic_gsl_is_deterministic_and_not_word_for_word(tmp_path):
+    a = sa.generate_synthetic_gsl(str(tmp_path / "a"), n_sentences=40, n_signers=2, seed=5)
+    b = sa.generate_synthetic_gsl(str(tmp_path / "b"), n_sentences=40, n_signers=2, seed=5)
+    assert open(os.path.join(a, "annotations.csv"), "rb").read() == open(os.path.join(b, "annotations.csv"), "rb").read()
+    for f in os.listdir(os.path.join(a, "poses")):
+        np.testing.assert_array_equal(np.load(os.path.join(a, "poses", f)), np.load(os.path.join(b, "poses", f)))
+    rows = list(csv.DictReader(open(os.path.join(a, "annotations.csv"), encoding="utf-8")))
+    # function words without a gloss, and text longer or reordered with respect to the glosses
+    assert any(w in {"το", "την", "τον", "θα", "δεν", "και"} for r in rows for w in r["text"].split())
+    assert any(r["gloss"].split()[-1] in ("ΟΧΙ", "ΠΟΥ;", "ΠΟΤΕ", "ΠΟΣΟ") for r in rows)
+    assert not os.path.exists(str(tmp_path / "a") + ".partial")
+
+
+def test_gloss_motions_differ_between_glosses():
+    """Every gloss has its own (location, movement) pair, so a model must look at the motion."""
+    lexicon = sa._gloss_lexicon(np.random.default_rng(0))
+    pairs = {(spec["movement"], tuple(np.round(spec["start"], 1))) for spec in lexicon.values()}
+    assert len({(spec["movement"], spec["start"].round(6).tobytes()) for spec in lexicon.values()}) == len(lexicon)
+    assert len(pairs) > 0.8 * len(lexicon)
+
+
+# ----------------------------------------------------------------------------------------------------
+# readers and bad input
+# ----------------------------------------------------------------------------------------------------
+
+def test_reader_selects_150_features_and_normalises(tiny_gsl):
+    cfg = sa.DataConfig()
+    records = sa.load_records(tiny_gsl, cfg, ("train",))
+    assert len(records) == 16 and records[0].frames.shape[1] == 150
+    x = records[0].frames.reshape(len(records[0].frames), 75, 2)
+    shoulders = x[:, [sa.L_SHOULDER, sa.R_SHOULDER]]
+    assert abs(np.nanmean(shoulders[:, :, 0].mean(1))) < 0.05          # centred between the shoulders
+    assert abs(np.nanmean(np.linalg.norm(shoulders[:, 0] - shoulders[:, 1], axis=1)) - 1) < 0.05
+
+
+def write_pose(folder, sample_id, array):
+    np.save(os.path.join(folder, "poses", sample_id + ".npy"), array)
+
+
+BAD_POSES = {
+    "rank": (np.zeros((5, 543, 3), np.float32), "rank 3"),
+    "keypoints": (np.zeros((5, 1, 500, 3), np.float32), "shape (5, 1, 500, 3)"),
+    "all_nan": (np.full((5, 1, 543, 3), np.nan, np.float32), "NaN"),
+    "zero_frames": (np.zeros((0, 1, 543, 3), np.float32), "zero frames"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_POSES))
+def test_bad_pose_arrays_name_file_and_problem(tiny_gsl, tmp_path, kind):
+    array, words = BAD_POSES[kind]
+    folder = copy_gsl(tiny_gsl, str(tmp_path / "d"), lambda rows: rows + [["bad_sample", "α", "Α", "train"]])
+    write_pose(folder, "bad_sample", array)
+    with pytest.raises(sa.DataError) as e:
+        sa.read_gsl(folder)
+    assert "bad_sample.npy" in str(e.value) and words in str(e.value) and "\n" not in str(e.value)
+    skipped = []
+    records = sa.read_gsl(folder, on_bad=skipped.append)
+    assert len(skipped) == 1 and len(records) == 48
+
+
+@pytest.mark.parametrize("content,words", [
+    (None, "file not found"), ("", "empty file"), ("id,text,split\nx,a,train\n", "missing column(s) gloss"),
+    ("id,text,gloss,split\n", "no rows"),
+])
+def test_bad_annotation_files(tmp_path, content, words):
+    os.makedirs(tmp_path / "poses")
+    if content is not None:
+        (tmp_path / "annotations.csv").write_text(content, encoding="utf-8")
+    with pytest.raises(sa.DataError) as e:
+        sa.read_gsl(str(tmp_path))
+    assert "annotations.csv" in str(e.value) and words in str(e.value)
+
+
+@pytest.mark.parametrize("row,words", [
+    (["x", "α", "Α", "dev"], "unknown split 'dev'"),
+    (["../escape", "α", "Α", "train"], "not a plain file name"),
+    (["/etc/passwd", "α", "Α", "train"], "not a plain file name"),
+    (["absent", "α", "Α", "train"], "pose file not found"),
+    (["garbage", "α", "Α", "train"], "unreadable pose file"),
+])
+def test_bad_rows_name_line_and_problem(tiny_gsl, tmp_path, row, words):
+    folder = copy_gsl(tiny_gsl, str(tmp_path / "d"), lambda rows: rows[:3] + [row])
+    (tmp_path / "d" / "poses" / "garbage.npy").write_bytes(b"not a numpy file")
+    with pytest.raises(sa.DataError) as e:
+        sa.read_gsl(folder)
+    assert "line 4" in str(e.value) or row[0] in str(e.value)
+    assert words in str(e.value)
+
+
+def test_cli_bad_input_is_one_line_and_nonzero(tiny_gsl, tmp_path):
+    folder = copy_gsl(tiny_gsl, str(tmp_path / "d"), lambda rows: rows + [["../../x", "α", "Α", "train"]])
+    result = run(["train", "--data", folder, "--epochs", "1"], str(tmp_path))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "annotations.csv: line 50" in lines[0] and "Traceback" not in result.stderr
+    result = run(["train", "--data", folder, "--epochs", "1", "--skip-bad", "--out", "r"] + TINY_MODEL,
+                 str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "skipped 1 bad sample(s)" in result.stdout
+
+
+def write_signjoey(prefix, n=6, feat=8):
+    g = torch.Generator().manual_seed(0)
+    words = ["hallo", "regen", "morgen", "sonne", "wind"]
+    for suffix in ("train", "dev", "test"):
+        items = [dict(name=f"{suffix}/s{i}", signer="Signer01", gloss=" ".join(w.upper() for w in words[i % 3:i % 3 + 2]),
+                      text=" ".join(words[i % 3:i % 3 + 2]) + " .", sign=torch.randn(10 + i, feat, generator=g))
+                 for i in range(n)]
+        with gzip.open(f"{prefix}.{suffix}", "wb") as f:
+            pickle.dump(items, f)
+
+
+def test_signjoey_reader_and_training(tmp_path):
+    os.makedirs(tmp_path / "phoenix")
+    write_signjoey(str(tmp_path / "phoenix" / "p14t.pami0"))
+    records = sa.read_signjoey(str(tmp_path / "phoenix"))
+    assert len(records) == 18 and records[0].frames.shape == (10, 8)
+    assert {r.split for r in records} == set(sa.SPLITS) and records[0].text[-1] == "."
+    assert len(sa.read_signjoey(str(tmp_path / "phoenix" / "p14t.pami0"), ("test",))) == 6
+    result = run(["train", "--data", str(tmp_path / "phoenix"), "--format", "signjoey", "--epochs", "1",
+                  "--out", "r"] + TINY_MODEL, str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert os.path.exists(tmp_path / "r" / "translations.csv")
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_signjoey_pickle_cannot_run_code(tmp_path):
+    write_signjoey(str(tmp_path / "s"))
+    with gzip.open(str(tmp_path / "s.train"), "wb") as f:
+        pickle.dump([dict(name="x", gloss="A", text="a", sign=_Exploit())], f)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with pytest.raises(sa.DataError) as e:
+            sa.read_signjoey(str(tmp_path / "s"))
+    finally:
+        os.chdir(cwd)
+    assert "refused" in str(e.value) and "system" in str(e.value) and "s.train" in str(e.value)
+    assert not os.path.exists(tmp_path / "pwned")
+
+
+# ----------------------------------------------------------------------------------------------------
+# vocabulary, batches, model
+# ----------------------------------------------------------------------------------------------------
+
+def test_vocabulary_and_batches(tiny_gsl):
+    cfg = sa.DataConfig()
+    records = sa.load_records(tiny_gsl, cfg, ("train",))
+    gloss = sa.Vocabulary(w for r in records for w in r.gloss)
+    text = sa.Vocabulary(w for r in records for w in r.text)
+    assert gloss.itos[:4] == [sa.PAD, sa.UNK, sa.BOS, sa.EOS]
+    assert text.encode(["never-seen"]) == [text.unk_id]
+    ds = sa.SignDataset(records, cfg, gloss, text)
+    batch = ds.batch([0, 1, 2])
+    lengths = [(len(r.frames) + 1) // 2 for r in records[:3]]                # subsample 2
+    assert batch["src_mask"].sum(1).tolist() == lengths
+    assert (batch["src"][~batch["src_mask"]] == 0).all() and torch.isfinite(batch["src"]).all()
+    assert (batch["tgt_in"][:, 0] == text.bos_id).all()
+    for b in range(3):
+        n = len(records[b].text)
+        assert batch["tgt_out"][b, n] == text.eos_id and text.decode(batch["tgt_out"][b].tolist()) == records[b].text
+    # evaluation takes each chunk's first frame; training a random frame of the chunk
+    np.testing.assert_array_equal(ds.frames(0), np.nan_to_num(records[0].frames[::2]))
+    train_ds = sa.SignDataset(records, cfg, gloss, text, train=True)
+    a = train_ds.frames(0, torch.Generator().manual_seed(3))
+    assert a.shape == ds.frames(0).shape and not np.allclose(a, ds.frames(0))
+    np.testing.assert_array_equal(a, train_ds.frames(0, torch.Generator().manual_seed(3)))
+
+
+def test_fast_and_explicit_attention_give_the_same_logits():
+    for norm_first in (True, False):
+        model = small_model(norm_first=norm_first)
+        src, mask, tgt = random_batch()
+        fast = model(src, mask, tgt)
+        explicit = model.keep_attention(True)(src, mask, tgt)
+        torch.testing.assert_close(fast, explicit, atol=1e-5, rtol=1e-5)
+        model.keep_attention(False)
+
+
+def test_kept_attention_maps_have_shapes_masks_and_gradients():
+    model = small_model().keep_attention(True)
+    src, mask, tgt = random_batch()
+    logits = model(src, mask, tgt)
+    logits[:, 2, 5].sum().backward()
+    maps = model.attention_modules()
+    enc, dself, cross = maps["encoder_self"][0].attention, maps["decoder_self"][0].attention, maps["decoder_cross"][1].attention
+    assert enc.shape == (3, 4, 11, 11) and dself.shape == (3, 4, 5, 5) and cross.shape == (3, 4, 5, 11)
+    torch.testing.assert_close(cross.sum(-1), torch.ones(3, 4, 5))
+    assert (cross[2, :, :, 5:] == 0).all() and (dself[0].triu(1) == 0).all()
+    assert cross.grad is not None and cross.grad[:, :, 3:].abs().sum() == 0 and cross.grad[:, :, 2].abs().sum() > 0
+    assert len(model.decoder[0].branches) == 2
+
+
+def test_padding_does_not_change_the_output():
+    model = small_model()
+    src, mask, tgt = random_batch()
+    logits = model(src, mask, tgt)
+    alone = model(src[2:, :5], mask[2:, :5], tgt[2:])
+    torch.testing.assert_close(logits[2], alone[0], atol=1e-5, rtol=1e-5)
+    noisy = src.clone()
+    noisy[~mask] = 100.0
+    torch.testing.assert_close(model(noisy, mask, tgt), logits, atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_and_beam_search_are_batch_consistent():
+    model = small_model()
+    src, mask, _ = random_batch(B=4, T=9)
+    greedy = sa.greedy_decode(model, src, mask, max_len=8)
+    beam = sa.beam_search(model, src, mask, beam=3, max_len=8)
+    for b in range(4):
+        n = int(mask[b].sum())
+        one = sa.greedy_decode(model, src[b:b + 1, :n], mask[b:b + 1, :n], max_len=8)
+        assert one[0].tolist() == greedy[b, :one.shape[1]].tolist()
+        one = sa.beam_search(model, src[b:b + 1, :n], mask[b:b + 1, :n], beam=3, max_len=8)
+        assert one[0].tolist() == beam[b, :one.shape[1]].tolist()
+    assert torch.equal(sa.beam_search(model, src, mask, beam=1, max_len=8), greedy)
+
+
+@torch.no_grad()
+def test_beam_search_finds_the_best_scoring_sequence():
+    """On a tiny vocabulary, an exhaustive search of all sequences up to the length limit agrees with
+    a beam as wide as the vocabulary (length-normalised log-probability)."""
+    model = small_model(n_out=6)
+    src, mask, _ = random_batch(B=2, T=7)
+    max_len, alpha = 3, 1.0
+    beam = sa.beam_search(model, src, mask, beam=6 * 6 * 6, alpha=alpha, max_len=max_len)
+    for b in range(2):
+        best, best_seq = -float("inf"), None
+        stack = [[]]
+        while stack:
+            prefix = stack.pop()
+            tgt = torch.tensor([[model.bos_id] + prefix])
+            logp = model(src[b:b + 1], mask[b:b + 1], tgt)[0, -1].log_softmax(-1)
+            score_prefix = sum(model(src[b:b + 1], mask[b:b + 1], torch.tensor([[model.bos_id] + prefix[:i]]))[0, -1]
+                               .log_softmax(-1)[prefix[i]] for i in range(len(prefix))) if prefix else 0.0
+            for v in range(6):
+                seq, score = prefix + [v], float(score_prefix + logp[v])
+                if v == model.eos_id or len(seq) == max_len:
+                    norm = score / ((5 + len(seq)) / 6) ** alpha
+                    if norm > best:
+                        best, best_seq = norm, seq
+                else:
+                    stack.append(seq)
+        assert beam[b, :len(best_seq)].tolist() == best_seq
+
+
+def test_ctc_decode_merges_repeats_and_drops_blanks():
+    logits = torch.full((1, 8, 5), -5.0)
+    for t, c in enumerate([0, 4, 4, 0, 4, 2, 2, 3]):
+        logits[0, t, c] = 5.0
+    mask = torch.ones(1, 8, dtype=torch.bool)
+    mask[0, 7] = False
+    assert sa.ctc_decode(logits, mask) == [[4, 4, 2]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# metrics
+# ----------------------------------------------------------------------------------------------------
+
+def test_metrics_on_known_values():
+    assert sa.wer(["a b c"], ["a x c d"]) == pytest.approx(50.0)          # 1 substitution + 1 deletion / 4
+    assert sa.wer(["a b", "c"], ["a b", "d e"]) == pytest.approx(100.0 * 2 / 4)
+    scores, signature = sa.bleu(["το μωρό γεννήθηκε πρόωρα"] * 2, ["το μωρό γεννήθηκε πρόωρα"] * 2)
+    assert scores["bleu4"] == pytest.approx(100.0) and "tok:none" in signature
+    scores, _ = sa.bleu(["a b c d"], ["a b c e"])
+    assert scores["bleu1"] == pytest.approx(75.0) and scores["bleu2"] == pytest.approx(100 * (0.75 * 2 / 3) ** 0.5)
+    # ROUGE-L: LCS 3 of hypothesis 4 and reference 5 words, beta 1.2
+    p, r = 3 / 4, 3 / 5
+    assert sa.rouge_l(["a b c x"], ["a y b c z"]) == pytest.approx(100 * 2.44 * p * r / (r + 1.44 * p))
+    assert 0 < sa.chrf(["abc def"], ["abc dex"]) < 100
+
+
+# ----------------------------------------------------------------------------------------------------
+# SignCL and SDR
+# ----------------------------------------------------------------------------------------------------
+
+def signcl_loop(features, margin, lengths, max_distance=32.0):
+    """The plain loop over anchors of METHODS.md, using every allowed negative."""
+    total, anchors = 0.0, 0
+    for b in range(features.shape[0]):
+        L = lengths[b]
+        for i in range(1, L - 2):
+            pos = [j for j in (i - 1, i + 1) if 0 <= j < L]
+            neg = [j for j in range(2, L - 2) if abs(j - i) > margin]
+            if not neg:
+                continue
+            d_pos = (features[b, i] - features[b, pos]).abs().sum(-1)
+            d_neg = (features[b, i] - features[b, neg]).abs().sum(-1)
+            total = total + torch.nn.functional.softplus(d_pos - max_distance).mean() \
+                + torch.nn.functional.softplus(max_distance - d_neg).mean()
+            anchors += 1
+    return total / anchors
+
+
+def test_signcl_equals_the_loop_over_anchors():
+    torch.manual_seed(0)
+    features = torch.randn(3, 14, 5) * 8
+    lengths = [14, 11, 7]
+    mask = torch.arange(14)[None] < torch.tensor(lengths)[:, None]
+    loss = SignCL(neg_samples=14)(features, 3, mask, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loss, signcl_loop(features, 3, lengths), rtol=1e-6, atol=1e-6)
+
+
+def test_signcl_padding_seed_and_no_negatives():
+    torch.manual_seed(1)
+    features = torch.randn(2, 30, 4) * 10
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[1, 20:] = False
+    cl = SignCL()
+    a = cl(features, 5, mask, torch.Generator().manual_seed(7))
+    b = cl(features, 5, mask, torch.Generator().manual_seed(7))
+    assert a == b                                                        # same seed, same loss
+    padded = features.clone()
+    padded[1, 20:] = 1e3
+    assert cl(padded, 5, mask, torch.Generator().manual_seed(7)) == a   # padding ignored
+    assert cl(features, 5, mask, torch.Generator().manual_seed(8)) != a  # sampling does vary with the seed
+    short = torch.randn(2, 6, 4, requires_grad=True)                     # no frame further than the margin
+    loss = cl(short, 20, torch.ones(2, 6, dtype=torch.bool))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(short.grad).all()
+    assert signcl_margin(100, 5) == 20 and signcl_margin(20, 5) == 10 and signcl_margin(30, 5) == 13
+
+
+def test_signcl_reaches_the_encoder_gradient(tiny_gsl):
+    import run as cli
+    cfg = sa.DataConfig()
+    records = sa.load_records(tiny_gsl, cfg, ("train",))
+    gloss = sa.Vocabulary(w for r in records for w in r.gloss)
+    text = sa.Vocabulary(w for r in records for w in r.text)
+    ds = sa.SignDataset(records, cfg, gloss, text)
+    batch = ds.batch(list(range(8)))
+    model = sa.SignTranslator(sa.ModelConfig(n_gloss=len(gloss), n_out=len(text), d_model=32, encoder_layers=1,
+                                             decoder_layers=1, feedforward=64)).eval()
+    grads = []
+    for weight in (0.0, 0.01):
+        model.zero_grad()
+        train_cfg = cli.TrainConfig(signcl=weight)
+        loss, *_ = cli.losses(model, batch, train_cfg, SignCL(), torch.Generator().manual_seed(0))
+        loss.backward()
+        grads.append(model.encoder[0].self_attention.query.weight.grad.clone())
+    assert not torch.allclose(grads[0], grads[1])
+
+
+def test_sdr_on_constructed_clusters():
+    tight = torch.tensor([[0.0, 0], [0, 1], [10, 0], [10, 1]])
+    # intra distance 1, inter distances to the other class: 10, sqrt(101), sqrt(101), 10 -> mean
+    inter = (10 + 101 ** 0.5) / 2
+    assert sdr(tight, [0, 0, 1, 1]) == pytest.approx(100 / inter)
+    mixed = sdr(torch.randn(200, 4, generator=torch.Generator().manual_seed(0)), [0, 1] * 100)
+    assert 90 < mixed < 110                                                 # no structure: ratio near 1
+
+
+def test_ctc_viterbi_follows_the_best_path():
+    lp = torch.full((7, 4), -10.0)
+    for t, c in enumerate([0, 2, 2, 0, 2, 3, 0]):
+        lp[t, c] = 0.0
+    assert ctc_viterbi(lp.log_softmax(-1), [2, 2, 3]) == [0, 2, 2, 0, 2, 3, 0]
+    # a repeated label needs a blank between its two occurrences even where the frame prefers the label
+    lp = torch.full((3, 3), -10.0)
+    lp[:, 1] = 0.0
+    assert ctc_viterbi(lp.log_softmax(-1), [1, 1]) == [1, 0, 1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# checkpoints
+# ----------------------------------------------------------------------------------------------------
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
+    path = str(tmp_path / "last.pt")
+    sa.save_checkpoint(path, {"epoch": 1, "w": torch.ones(2)})
+
+    def crash(f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        sa.atomic_write(path, crash)
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# the commands, run as a user runs them
+# ----------------------------------------------------------------------------------------------------
+
+def history_without_time(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in f]
+
+
+def test_train_then_eval_as_a_user(tiny_gsl, tmp_path):
+    result = run(["train", "--data", tiny_gsl, "--epochs", "2", "--out", "r", "--signcl", "0.01"] + TINY_MODEL,
+                 str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "epoch   1/2" in out and "ETA" in out and "BLEU-4" in out and "sacrebleu: nrefs:1" in out
+    run_dir = tmp_path / "r"
+    assert {"config.json", "best.pt", "last.pt", "metrics.jsonl", "translations.csv", "results.json"} <= set(os.listdir(run_dir))
+    state = torch.load(run_dir / "best.pt", weights_only=True)
+    assert state["config"]["train"]["signcl"] == 0.01 and state["gloss_vocab"][:4] == [sa.PAD, sa.UNK, sa.BOS, sa.EOS]
+    assert len(history_without_time(run_dir)) == 2
+    with open(run_dir / "translations.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["id", "gloss_reference", "gloss_prediction", "text_reference", "text_prediction"]
+    assert len(rows) == 16 and all(r["id"].startswith("synth_signer3") for r in rows)
+    model, gloss, text = sa.load_model(str(run_dir))
+    assert not model.training and model.eos_id == text.eos_id == 3
+    results = json.load(open(run_dir / "results.json"))
+    result = run(["eval", "r", "--split", "test"], str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert f"{results['test']['bleu4']:.2f}" in result.stdout
+    again = run(["train", "--data", tiny_gsl, "--epochs", "1", "--out", "r"] + TINY_MODEL, str(tmp_path))
+    assert again.returncode == 2 and "--resume" in again.stderr                # never overwrites a run
+
+
+def test_kill_9_then_resume_reaches_the_same_result(tiny_gsl, tmp_path):
+    args = ["train", "--data", tiny_gsl, "--epochs", "3", "--seed", "3"] + TINY_MODEL
+    assert run(args + ["--out", "full"], str(tmp_path)).returncode == 0
+    proc = subprocess.Popen(RUN + args + ["--out", "cut"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not os.path.exists(tmp_path / "cut" / "last.pt") and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    state = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert state["epoch"] < 3, "the run finished before it was killed"
+    result = run(["train", "--resume", "cut"], str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert history_without_time(tmp_path / "cut") == history_without_time(tmp_path / "full")
+    full, cut = (json.load(open(tmp_path / d / "results.json")) for d in ("full", "cut"))
+    assert {k: v for k, v in full["test"].items() if k != "seconds"} == {k: v for k, v in cut["test"].items() if k != "seconds"}
+
+
+def test_signattention_preset_is_their_configuration():
+    import run as cli
+    args = cli.parser().parse_args(["train", "--preset", "signattention"])
+    config = cli.resolve_config(args)
+    assert config["model"]["d_model"] == 16 and config["model"]["heads"] == 8 and config["model"]["feedforward"] == 2048
+    assert config["model"]["encoder_layers"] == config["model"]["decoder_layers"] == 1
+    assert not config["model"]["norm_first"] and config["data"]["target"] == "gloss"
+    assert config["data"]["subsample"] == 3 and config["data"]["max_frames"] == 220
+    assert config["train"]["batch_size"] == 64 and config["train"]["patience"] == 30 and config["train"]["beam"] == 1
