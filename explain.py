@@ -1,0 +1,488 @@
+"""Explanations of a sign language translation model: which frames mattered for each output token.
+
+    relevance = explain(model, src, src_mask, out_tokens, method="generic")      # (B, n, T)
+
+Row t of a sample's relevance is how much each frame mattered for the score s_t of out_tokens[:, t], given
+the frames and the tokens before it (the decoder input is BOS followed by out_tokens[:, :-1]). Padded frames
+and padded rows are 0; signed methods stay signed. METHODS.md defines each method; the table METHODS below
+maps names to functions, each a few lines over two shared pieces written once:
+
+- `_Pass`: one teacher-forced forward over *copies* (one copy per explained token: sample b, position t)
+  that keeps every attention map; one backward of the sum of the copies' scores then gives every token
+  its own gradients, for all tokens of all samples at once.
+- `_Relprop`: LRP (Chefer et al., CVPR 2021 rules) walked backwards through the same model class that
+  trains, from activations recorded by forward hooks.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+METHODS = ("attention", "rollout", "gradcam", "saliency", "input_x_gradient", "integrated_gradients", "lrp",
+           "partial_lrp", "transformer_attribution", "generic", "dsmi", "dsmi_grad", "dsmi_grad_attn", "random")
+SIGNED = {"input_x_gradient", "integrated_gradients", "lrp"}
+GRADIENT_METHODS = ("gradcam", "saliency", "input_x_gradient", "integrated_gradients", "transformer_attribution",
+                    "generic", "dsmi_grad", "dsmi_grad_attn")
+DEFAULTS = dict(layer=-1, score="logit", steps=32, transpose=True, seed=0, chunk=256, eps=1e-9)
+
+
+def explain(model, src, src_mask, out_tokens, method="generic", return_tokens=False, **options):
+    """Relevance (B, n, T) of each frame for each output token; with return_tokens, also (B, n, n) relevance
+    over the decoder inputs (BOS, y_1, .., y_{n-1}) for the methods that give one, else None.
+
+    Options (METHODS.md defaults): layer=-1 (attention, gradcam, partial_lrp: which decoder layer),
+    score='logit' or 'logprob', steps=32 (integrated_gradients), transpose=True (generic's cross rule as the
+    reference code), seed=0 (random), chunk=256 (tokens explained per batched pass), eps=1e-9 (LRP).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(sorted(unknown))}; options are {', '.join(DEFAULTS)}")
+    opts = {**DEFAULTS, **options}
+    if opts["score"] not in ("logit", "logprob"):
+        raise ValueError("score must be 'logit' or 'logprob'")
+    B, n = out_tokens.shape
+    T = src.shape[1]
+    frames = torch.zeros(B, n, T, device=src.device)
+    tokens = torch.zeros(B, n, n, device=src.device)
+    valid = out_tokens != model.pad_id
+    if method == "random":
+        g = torch.Generator().manual_seed(opts["seed"])
+        frames = torch.rand(B, n, T, generator=g).to(src.device) * src_mask[:, None] * valid[..., None]
+        return (frames, None) if return_tokens else frames
+    tgt_in = torch.cat([torch.full_like(out_tokens[:, :1], model.bos_id), out_tokens[:, :-1]], 1)
+    b_idx, t_idx = valid.nonzero(as_tuple=True)
+    keep = [m.keep for group in model.attention_modules().values() for m in group]
+    training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(b_idx), opts["chunk"]):
+            cb, ct = b_idx[start:start + opts["chunk"]], t_idx[start:start + opts["chunk"]]
+            ctx = _Context(model, src, src_mask, tgt_in, out_tokens, cb, ct, opts)
+            f, tok = _FUNCTIONS[method](ctx)
+            frames[cb, ct, :f.shape[1]] = f.float() * src_mask[cb, :f.shape[1]]
+            if tok is not None:
+                tokens[cb, ct, :tok.shape[1]] = tok.float()
+    finally:
+        model.keep_attention(False)
+        for m, k in zip((m for group in model.attention_modules().values() for m in group), keep):
+            m.keep = k
+        model.train(training)
+    has_tokens = method in ("attention", "lrp", "transformer_attribution", "generic")
+    if not has_tokens:
+        tokens = None
+    return (frames, tokens) if return_tokens else frames
+
+
+# ----------------------------------------------------------------------------------------------------
+# The shared teacher-forced pass
+# ----------------------------------------------------------------------------------------------------
+
+class _Context:
+    """The tokens of one chunk: copy i explains token ct[i] of sample cb[i]. Frames and decoder inputs are
+    trimmed to what the chunk needs (later frames are padding, later tokens are not seen by the causal
+    decoder)."""
+
+    def __init__(self, model, src, src_mask, tgt_in, out_tokens, cb, ct, opts):
+        self.model, self.opts, self.cb, self.ct = model, opts, cb, ct
+        T = int(src_mask[cb].sum(1).max())
+        n = int(ct.max()) + 1
+        self.src, self.mask = src[cb, :T], src_mask[cb, :T]
+        self.tgt_in, self.target = tgt_in[cb, :n], out_tokens[cb, ct]
+        self.N, self.T, self.n = len(cb), T, n
+        self.rows = torch.arange(self.N, device=src.device)
+        self.samples, self.inverse = torch.unique(cb, return_inverse=True)     # each sample once
+
+    def run(self, grads=(), src=None, tape=False, per_sample=False):
+        """Forward with attention kept. `grads` names what to differentiate each copy's score by: 'input'
+        and/or attention groups ('encoder_self', 'decoder_self', 'decoder_cross'). `tape` records every
+        module's inputs and output (for LRP). Without gradients, `per_sample` forwards each sample once
+        and hands every copy its sample's maps. Returns a _Pass."""
+        model = self.model.keep_attention(True)
+        x = self.src if src is None else src
+        mask, tgt_in = self.mask, self.tgt_in
+        if per_sample:
+            first = _first_index(self.inverse, len(self.samples))
+            x, mask, tgt_in = x[first], mask[first], tgt_in[first]
+        if "input" in grads:
+            x = x.detach().requires_grad_(True)
+        records = {}
+        hooks = []
+        if tape:
+            for module in model.modules():
+                hooks.append(module.register_forward_hook(
+                    lambda m, args, out: records.__setitem__(m, (args, out))))
+        try:
+            with torch.set_grad_enabled(bool(grads)):
+                memory = model.encode(x, mask)
+                logits = model.decode(memory, mask, tgt_in)
+        finally:
+            for h in hooks:
+                h.remove()
+        maps = {k: [m.attention for m in v] for k, v in model.attention_modules().items()}
+        if per_sample:
+            maps = {k: [a[self.inverse] for a in v] for k, v in maps.items()}
+            memory = memory[self.inverse]
+        p = _Pass(logits=logits, maps=maps, src=x, tape=records)
+        p.memory = memory.detach()
+        if grads:
+            step = logits[self.rows, self.ct]                                    # (N, V)
+            if self.opts["score"] == "logprob":
+                step = step.log_softmax(-1)
+            score = step.gather(1, self.target[:, None])[:, 0]
+            wanted = ([x] if "input" in grads else []) + [a for g in grads if g != "input" for a in maps[g]]
+            got = torch.autograd.grad(score.sum(), wanted, allow_unused=True)
+            got = [torch.zeros_like(w) if d is None else d for w, d in zip(wanted, got)]
+            p.score = score.detach()
+            if "input" in grads:
+                p.input_grad, got = got[0], got[1:]
+            p.grads = {}
+            for g in (g for g in grads if g != "input"):
+                p.grads[g], got = list(got[:len(maps[g])]), got[len(maps[g]):]
+        p.maps = {k: [a.detach() for a in v] for k, v in maps.items()}
+        return p
+
+
+class _Pass:
+    def __init__(self, logits, maps, src, tape):
+        self.logits, self.maps, self.src, self.tape = logits, maps, src, tape
+        self.score, self.input_grad, self.grads, self.memory = None, None, {}, None
+
+
+def _first_index(inverse, count):
+    """For each of `count` groups, the first position where `inverse` takes its value."""
+    positions = torch.arange(len(inverse), device=inverse.device)
+    first = torch.full((count,), len(inverse), dtype=torch.long, device=inverse.device)
+    return first.scatter_reduce(0, inverse, positions, reduce="amin")
+
+
+def _row(a, ctx):
+    """Row ct[i] of copy i's map, averaged over heads: (N, h, q, k) -> (N, k)."""
+    return a[ctx.rows, :, ctx.ct].mean(1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention and gradient methods
+# ----------------------------------------------------------------------------------------------------
+
+def attention(ctx):
+    """Raw attention: R[t] = mean_h A_cross[h, t, :] of one decoder layer (the last by default)."""
+    p = ctx.run(per_sample=True)
+    layer = ctx.opts["layer"]
+    return _row(p.maps["decoder_cross"][layer], ctx), _row(p.maps["decoder_self"][layer], ctx)
+
+
+def rollout(ctx):
+    """Attention rollout (Abnar & Zuidema 2020): E = prod_l rownorm(mean_h A_enc_l + I); R[t] = (mean_h A_cross_L E)[t]."""
+    p = ctx.run(per_sample=True)
+    eye = torch.eye(ctx.T, device=ctx.src.device)
+    E = eye.expand(ctx.N, ctx.T, ctx.T)
+    for a in p.maps["encoder_self"]:
+        a = a.mean(1) + eye
+        E = (a / a.sum(-1, keepdim=True)) @ E
+    return (_row(p.maps["decoder_cross"][-1], ctx)[:, None] @ E)[:, 0], None
+
+
+def gradcam(ctx):
+    """Grad-CAM on the last decoder cross-attention (Chefer's baseline): per head w_h = mean over the real
+    frames of dA[h, t, :]; R[t] = (mean_h w_h A[h, t, :])^+."""
+    p = ctx.run(grads=("decoder_cross",))
+    layer = ctx.opts["layer"]
+    a = p.maps["decoder_cross"][layer][ctx.rows, :, ctx.ct]                 # (N, h, T)
+    g = p.grads["decoder_cross"][layer][ctx.rows, :, ctx.ct]
+    w = g.sum(-1, keepdim=True) / ctx.mask.sum(1)[:, None, None]
+    return (w * a).mean(1).clamp(min=0), None
+
+
+def saliency(ctx):
+    """Saliency: R[t, tau] = sum_f |ds_t / dx[tau, f]|."""
+    p = ctx.run(grads=("input",))
+    return p.input_grad.abs().sum(-1), None
+
+
+def input_x_gradient(ctx):
+    """Input x gradient: R[t, tau] = sum_f x[tau, f] ds_t / dx[tau, f]."""
+    p = ctx.run(grads=("input",))
+    return (p.src.detach() * p.input_grad).sum(-1), None
+
+
+def integrated_gradients(ctx):
+    """Integrated gradients (Sundararajan et al. 2017) from the all-zero baseline, the path integral taken
+    by Gauss-Legendre quadrature with `steps` nodes on [0, 1]:
+    R[t, tau] = sum_f x[tau, f] sum_i w_i ds_t/dx[tau, f] (alpha_i x); sum_tau R[t] ~ s_t(x) - s_t(0)."""
+    nodes, weights = np.polynomial.legendre.leggauss(ctx.opts["steps"])
+    total = torch.zeros_like(ctx.src)
+    for alpha, w in zip((nodes + 1) / 2, weights / 2):
+        total += w * ctx.run(grads=("input",), src=ctx.src * float(alpha)).input_grad
+    return (ctx.src * total).sum(-1), None
+
+
+def _aggregate(a, g):
+    """mean_h (g * a)^+ : (N, h, q, k) -> (N, q, k)."""
+    return (g * a).clamp(min=0).mean(1)
+
+
+def _norm_rows(R):
+    """(R - I) / rowsum(R - I) + I, rows whose sum is 0 staying I."""
+    eye = torch.eye(R.shape[-1], device=R.device)
+    D = R - eye
+    s = D.sum(-1, keepdim=True)
+    return torch.where(s == 0, torch.zeros_like(D), D / torch.where(s == 0, torch.ones_like(s), s)) + eye
+
+
+def _propagate(ctx, A, transpose):
+    """Chefer et al. (ICCV 2021) encoder-decoder propagation of the aggregated maps A[group][layer] (N, q, k).
+    Returns R_de rows (N, T) and R_dd rows (N, n)."""
+    dev = ctx.src.device
+    R_ee = torch.eye(ctx.T, device=dev).repeat(ctx.N, 1, 1)
+    for a in A["encoder_self"]:
+        R_ee = R_ee + a @ R_ee
+    R_dd = torch.eye(ctx.n, device=dev).repeat(ctx.N, 1, 1)
+    R_de = torch.zeros(ctx.N, ctx.n, ctx.T, device=dev)
+    for s, c in zip(A["decoder_self"], A["decoder_cross"]):
+        R_dd = R_dd + s @ R_dd
+        R_de = R_de + s @ R_de
+        dd = _norm_rows(R_dd)
+        R_de = R_de + (dd.transpose(1, 2) if transpose else dd) @ c @ _norm_rows(R_ee)
+    return R_de[ctx.rows, ctx.ct], R_dd[ctx.rows, ctx.ct]
+
+
+GROUPS = ("encoder_self", "decoder_self", "decoder_cross")
+
+
+def generic(ctx):
+    """Generic attention-model explainability (Chefer et al., ICCV 2021): A_bar = mean_h (dA * A)^+ for every
+    attention map, propagated through the encoder, the decoder self- and the cross-attention."""
+    p = ctx.run(grads=GROUPS)
+    A = {g: [_aggregate(a, d) for a, d in zip(p.maps[g], p.grads[g])] for g in GROUPS}
+    return _propagate(ctx, A, ctx.opts["transpose"])
+
+
+def transformer_attribution(ctx):
+    """The same propagation with A_bar = mean_h (dA * R_A)^+, R_A the LRP relevance at each attention map
+    (the reference's variant with LRP)."""
+    p = ctx.run(grads=GROUPS, tape=True)
+    rel = _Relprop(ctx, p)
+    rel.run()
+    A = {g: [_aggregate(rel.at_attention[m], d) for m, d in zip(ctx.model.attention_modules()[g], p.grads[g])]
+         for g in GROUPS}
+    return _propagate(ctx, A, ctx.opts["transpose"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# LRP (Chefer et al., CVPR 2021 rules)
+# ----------------------------------------------------------------------------------------------------
+
+class _Relprop:
+    """Relevance propagated backwards from a one-hot at y_t in the output logits of each copy.
+
+    Rules: linear alpha=1 beta=0 (positive contributions x_j w_jk only, one shared denominator, bias
+    ignored); LayerNorm, softmax, activations and dropout pass relevance through; a matmul of two tensors
+    gives each operand half of the G-rule u * dZ/du . (R / Z); a residual add splits by contribution, then
+    rescales the two branches to |sum R_a| / (|sum R_a| + |sum R_b|) of the total; a tensor used twice
+    receives the sum. Divisions are stabilised: a / (b + eps sign(b)), 0 where b = 0.
+    `trace`, when a list, receives (rule, relevance in, relevance out) per copy for conservation checks."""
+
+    def __init__(self, ctx, p, trace=None):
+        self.ctx, self.tape, self.eps, self.trace = ctx, p.tape, ctx.opts["eps"], trace
+        self.at_attention = {}          # attention module -> (N, h, q, k) relevance at its map
+
+    def _div(self, a, b):
+        safe = torch.where(b == 0, torch.ones_like(b), b + self.eps * torch.sign(b))
+        return torch.where(b == 0, torch.zeros_like(a * b), a / safe)
+
+    def _log(self, rule, r_in, *r_out):
+        if self.trace is not None:
+            dims = lambda r: tuple(range(1, r.dim()))
+            self.trace.append((rule, r_in.sum(dims(r_in)), sum(r.sum(dims(r)) for r in r_out)))
+
+    def linear(self, module, R):
+        x = self.tape[module][0][0]
+        w = module.weight
+        xp, xn, wp, wn = x.clamp(min=0), x.clamp(max=0), w.clamp(min=0), w.clamp(max=0)
+        S = self._div(R, F.linear(xp, wp) + F.linear(xn, wn))
+        out = xp * (S @ wp) + xn * (S @ wn)
+        self._log("linear", R, out)
+        return out
+
+    def matmul(self, a, b, R):
+        S = self._div(R, a @ b)
+        ra, rb = a * (S @ b.transpose(-2, -1)) / 2, b * (a.transpose(-2, -1) @ S) / 2
+        self._log("matmul", R, ra, rb)
+        return ra, rb
+
+    def add(self, a, b, R):
+        S = self._div(R, a + b)
+        ra, rb = a * S, b * S
+        dims = tuple(range(1, R.dim()))
+        sa, sb, total = (r.sum(dims, keepdim=True) for r in (ra, rb, R))
+        share = sa.abs() + sb.abs()
+        ra = ra * self._div(self._div(sa.abs(), share) * total, sa)
+        rb = rb * self._div(self._div(sb.abs(), share) * total, sb)
+        self._log("add", R, ra, rb)
+        return ra, rb
+
+    def sequential(self, modules, R):
+        """Linear layers take the linear rule; activations, dropout and LayerNorm pass relevance through."""
+        for m in reversed(list(modules)):
+            if isinstance(m, torch.nn.Linear):
+                R = self.linear(m, R)
+        return R
+
+    def attention(self, module, R):
+        """Returns relevance at the query input and at the key/value input."""
+        (x, memory, _), _ = self.tape[module]
+        N, Tq, C = x.shape
+        h, Tk = module.heads, memory.shape[1]
+        heads = lambda t, L: t.view(N, L, h, C // h).transpose(1, 2)                  # (N, h, L, hs)
+        merge = lambda t: t.transpose(1, 2).reshape(N, -1, C)
+        R_y = heads(self.linear(module.proj, R), Tq)
+        q = heads(self.tape[module.query][1], Tq) / math.sqrt(C // h)
+        k, v = heads(self.tape[module.key][1], Tk), heads(self.tape[module.value][1], Tk)
+        R_att, R_v = self.matmul(module.attention, v, R_y)
+        self.at_attention[module] = R_att
+        R_q, R_kt = self.matmul(q, k.transpose(-2, -1), R_att)          # the softmax passes relevance on
+        R_x = self.linear(module.query, merge(R_q))
+        R_m = self.linear(module.key, merge(R_kt.transpose(-2, -1))) + self.linear(module.value, merge(R_v))
+        return R_x, R_m
+
+    def encoder_layer(self, layer, R):
+        (x, _), _ = self.tape[layer]
+        a = self.tape[layer.self_attention][1]
+        f = self.tape[layer.feedforward][1]
+        if layer.norm_first:        # x1 = x + a;  out = x1 + f(norm2(x1))
+            x1 = x + a
+            R_x1, R_f = self.add(x1, f, R)
+            R_x1 = R_x1 + self.sequential(layer.feedforward, R_f)
+            R_x, R_a = self.add(x, a, R_x1)
+        else:                       # x1 = norm1(x + a);  out = norm2(x1 + f(x1))
+            x1 = self.tape[layer.norm1][1]
+            R_x1, R_f = self.add(x1, f, R)
+            R_x1 = R_x1 + self.sequential(layer.feedforward, R_f)
+            R_x, R_a = self.add(x, a, R_x1)
+        R_q, R_kv = self.attention(layer.self_attention, R_a)
+        return R_x + R_q + R_kv
+
+    def decoder_layer(self, layer, R):
+        (y, _, _, _), _ = self.tape[layer]
+        s = self.tape[layer.self_attention][1]
+        c = self.tape[layer.cross_attention][1]
+        f = self.tape[layer.feedforward][1]
+        if layer.norm_first:
+            y1, y2 = y + s, y + s + c
+        else:
+            y1, y2 = self.tape[layer.norm1][1], self.tape[layer.norm2][1]
+        R_y2, R_f = self.add(y2, f, R)
+        R_y2 = R_y2 + self.sequential(layer.feedforward, R_f)
+        R_y1, R_c = self.add(y1, c, R_y2)
+        R_q, R_memory = self.attention(layer.cross_attention, R_c)
+        R_y1 = R_y1 + R_q
+        R_y, R_s = self.add(y, s, R_y1)
+        R_q, R_kv = self.attention(layer.self_attention, R_s)
+        return R_y + R_q + R_kv, R_memory
+
+    @torch.no_grad()
+    def run(self):
+        """Relevance of the input features (N, T, F) and of the decoder input tokens (N, n)."""
+        ctx, model = self.ctx, self.ctx.model
+        logits = self.tape[model.head][1]
+        R = torch.zeros_like(logits)
+        R[ctx.rows, ctx.ct, ctx.target] = 1.0
+        R = self.linear(model.head, R)
+        R_memory = 0
+        for layer in reversed(model.decoder):
+            R, R_m = self.decoder_layer(layer, R)
+            R_memory = R_memory + R_m
+        (tokens,), embedded = self.tape[model.token_embed]
+        token_part = embedded * math.sqrt(model.cfg.d_model)
+        R_tokens, _ = self.add(token_part, _positions(token_part), R)      # the positions are a sink
+        R = R_memory
+        for layer in reversed(model.encoder):
+            R = self.encoder_layer(layer, R)
+        frames = self.tape[model.embed][1]
+        R_frames, _ = self.add(frames, _positions(frames), R)
+        return self.sequential(model.embed, R_frames), R_tokens.sum(-1)
+
+
+def _positions(x):
+    from signattention import sinusoid
+    return sinusoid(x.shape[1], x.shape[2], x.device).expand_as(x)
+
+
+def lrp(ctx):
+    """Full LRP down to the input features, summed over the feature axis."""
+    p = ctx.run(tape=True)
+    R_src, R_tokens = _Relprop(ctx, p).run()
+    return R_src.sum(-1), R_tokens
+
+
+def partial_lrp(ctx):
+    """Partial LRP: the LRP relevance at one decoder cross-attention map (the last), (.)^+, mean over heads."""
+    p = ctx.run(tape=True)
+    rel = _Relprop(ctx, p)
+    rel.run()
+    module = ctx.model.attention_modules()["decoder_cross"][ctx.opts["layer"]]
+    return rel.at_attention[module].clamp(min=0)[ctx.rows, :, ctx.ct].mean(1), None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Spectral methods (DSMI)
+# ----------------------------------------------------------------------------------------------------
+
+def fiedler(features, mask):
+    """|v| of the random-walk Fiedler vector of each sample's frame-affinity graph: (B, T, C) -> (B, T).
+
+    f = the real frames' features, L2-normalised; W = (f f^T)^+ / max W; D = rowsum W (below 1e-12 -> 1);
+    v = D^-1/2 u_2 with u_2 the eigenvector of the second-smallest eigenvalue of I - D^-1/2 W D^-1/2, in
+    float64, all samples in one batched eigh (padding gets a large diagonal so its eigenvalues come last).
+    With fewer than 3 real frames the map is uniform."""
+    f = F.normalize(features.double(), dim=-1) * mask[..., None]
+    W = (f @ f.transpose(1, 2)).clamp(min=0)
+    W = W / W.amax((1, 2), keepdim=True).clamp(min=1e-300)
+    d = W.sum(-1)
+    d = torch.where(d < 1e-12, torch.ones_like(d), d)
+    r = d.rsqrt()
+    L = torch.eye(W.shape[1], dtype=W.dtype, device=W.device) - r[:, :, None] * W * r[:, None, :]
+    real = mask[:, :, None] & mask[:, None, :]
+    L = torch.where(real, L, torch.zeros_like(L)) + torch.diag_embed((~mask).double() * 10.0)
+    _, vectors = torch.linalg.eigh(L)
+    v = (r * vectors[:, :, 1]).abs() * mask
+    count = mask.sum(1, keepdim=True)
+    uniform = mask.double() / count.clamp(min=1)
+    return torch.where(count < 3, uniform, v).float()
+
+
+def _spectral(ctx, grads=None):
+    if grads is None:
+        p = ctx.run(per_sample=True)
+        return fiedler(p.memory, ctx.mask), None
+    p = ctx.run(grads=("encoder_self",))
+    v = fiedler(p.memory, ctx.mask)
+    R = torch.zeros(ctx.N, ctx.T, device=ctx.src.device)
+    for a, g in zip(p.maps["encoder_self"], p.grads["encoder_self"]):
+        weight = g.clamp(min=0).mean(1) if grads == "grad" else _aggregate(a, g)
+        R = R + (weight @ v[..., None])[..., 0]
+    return R, None
+
+
+def dsmi(ctx):
+    """DSMI: |v| of the Fiedler vector for every token (class-agnostic)."""
+    return _spectral(ctx)
+
+
+def dsmi_grad(ctx):
+    """DSMI + Grad: R[t] = sum_l mean_h (dA_enc_l)^+ @ |v|, gradients of s_t."""
+    return _spectral(ctx, "grad")
+
+
+def dsmi_grad_attn(ctx):
+    """DSMI + Grad + Attn: R[t] = sum_l mean_h (dA_enc_l * A_enc_l)^+ @ |v|."""
+    return _spectral(ctx, "grad_attn")
+
+
+_FUNCTIONS = dict(attention=attention, rollout=rollout, gradcam=gradcam, saliency=saliency,
+                  input_x_gradient=input_x_gradient, integrated_gradients=integrated_gradients, lrp=lrp,
+                  partial_lrp=partial_lrp, transformer_attribution=transformer_attribution, generic=generic,
+                  dsmi=dsmi, dsmi_grad=dsmi_grad, dsmi_grad_attn=dsmi_grad_attn)
