@@ -542,3 +542,296 @@ def test_signattention_preset_is_their_configuration():
     assert not config["model"]["norm_first"] and config["data"]["target"] == "gloss"
     assert config["data"]["subsample"] == 3 and config["data"]["max_frames"] == 220
     assert config["train"]["batch_size"] == 64 and config["train"]["patience"] == 30 and config["train"]["beam"] == 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# explain.py: every method against a slow, obvious reference
+# ----------------------------------------------------------------------------------------------------
+
+import explain as ex
+
+
+def explain_inputs(seed=0, B=3, T=11, n=5):
+    model = small_model()
+    src, mask, _ = random_batch(B=B, T=T, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    out = torch.randint(4, 15, (B, n), generator=g)
+    out[0, n - 1] = model.eos_id
+    out[1, 3:] = model.pad_id                       # a shorter output: rows 3.. are padding
+    out[1, 2] = model.eos_id
+    return model, src, mask, out
+
+
+def per_token_reference(model, src, mask, out, formula):
+    """For each sample (unpadded) and each of its tokens: one forward, one backward of s_t (the logit),
+    then `formula(maps, grads, x, t)` on that single pass."""
+    B, n = out.shape
+    R = torch.zeros(B, n, src.shape[1])
+    model.keep_attention(True)
+    for b in range(B):
+        L = int(mask[b].sum())
+        tokens = out[b][out[b] != model.pad_id]
+        tgt_in = torch.cat([torch.tensor([model.bos_id]), tokens[:-1]])[None]
+        for t in range(len(tokens)):
+            x = src[b:b + 1, :L].clone().requires_grad_(True)
+            logits = model(x, mask[b:b + 1, :L], tgt_in)
+            logits[0, t, tokens[t]].backward()
+            groups = model.attention_modules()
+            maps = {k: [m.attention[0].detach() for m in v] for k, v in groups.items()}
+            grads = {k: [m.attention.grad[0] for m in v] for k, v in groups.items()}
+            R[b, t, :L] = formula(maps, grads, x[0].detach(), x.grad[0], t, b, L)
+    model.keep_attention(False)
+    model.zero_grad()
+    return R
+
+
+def generic_formula(maps, grads, x, g, t, b, L, transpose=True):
+    agg = lambda a, d: (d * a).clamp(min=0).mean(0)
+    R_ee = torch.eye(L)
+    for a, d in zip(maps["encoder_self"], grads["encoder_self"]):
+        R_ee = R_ee + agg(a, d) @ R_ee
+    n = maps["decoder_self"][0].shape[-1]
+    R_dd, R_de = torch.eye(n), torch.zeros(n, L)
+
+    def norm(R):
+        D = R - torch.eye(len(R))
+        out = torch.eye(len(R)).clone()
+        for i in range(len(R)):
+            if D[i].sum() != 0:
+                out[i] += D[i] / D[i].sum()
+        return out
+
+    for sa_, sd, ca, cd in zip(maps["decoder_self"], grads["decoder_self"], maps["decoder_cross"], grads["decoder_cross"]):
+        S = agg(sa_, sd)
+        R_dd = R_dd + S @ R_dd
+        R_de = R_de + S @ R_de
+        R_de = R_de + (norm(R_dd).T if transpose else norm(R_dd)) @ agg(ca, cd) @ norm(R_ee)
+    return R_de[t]
+
+
+FORMULAS = {
+    "attention": lambda maps, grads, x, g, t, b, L: maps["decoder_cross"][-1].mean(0)[t],
+    "gradcam": lambda maps, grads, x, g, t, b, L: (grads["decoder_cross"][-1][:, t].mean(-1, keepdim=True)
+                                                   * maps["decoder_cross"][-1][:, t]).mean(0).clamp(min=0),
+    "saliency": lambda maps, grads, x, g, t, b, L: g.abs().sum(-1),
+    "input_x_gradient": lambda maps, grads, x, g, t, b, L: (x * g).sum(-1),
+    "generic": generic_formula,
+}
+
+
+def rollout_formula(maps, grads, x, g, t, b, L):
+    E = torch.eye(L)
+    for a in maps["encoder_self"]:
+        a = a.mean(0) + torch.eye(L)
+        E = (a / a.sum(-1, keepdim=True)) @ E
+    return maps["decoder_cross"][-1].mean(0)[t] @ E
+
+
+FORMULAS["rollout"] = rollout_formula
+
+
+@pytest.mark.parametrize("method", sorted(FORMULAS))
+def test_method_equals_the_per_token_reference(method):
+    model, src, mask, out = explain_inputs()
+    fast = ex.explain(model, src, mask, out, method, chunk=4)            # several chunks, mixed samples
+    slow = per_token_reference(model, src, mask, out, FORMULAS[method])
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    assert fast.abs().sum() > 0
+
+
+def test_generic_without_transpose_and_logprob_score():
+    model, src, mask, out = explain_inputs(seed=2)
+    fast = ex.explain(model, src, mask, out, "generic", transpose=False)
+    slow = per_token_reference(model, src, mask, out,
+                               lambda *a: generic_formula(*a, transpose=False))
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    logit = ex.explain(model, src, mask, out, "saliency")
+    logprob = ex.explain(model, src, mask, out, "saliency", score="logprob")
+    assert not torch.allclose(logit, logprob)
+
+
+def test_integrated_gradients_equals_reference_and_is_complete():
+    model, src, mask, out = explain_inputs(seed=3)
+    steps = 16
+    nodes, weights = np.polynomial.legendre.leggauss(steps)
+
+    def ig(maps, grads, x, g, t, b, L):
+        tokens = out[b][out[b] != model.pad_id]
+        tgt_in = torch.cat([torch.tensor([model.bos_id]), tokens[:-1]])[None]
+        total = torch.zeros_like(x)
+        for alpha, w in zip((nodes + 1) / 2, weights / 2):
+            xa = (x * float(alpha)).clone()[None].requires_grad_(True)
+            model(xa, mask[b:b + 1, :L], tgt_in)[0, t, tokens[t]].backward()
+            total += w * xa.grad[0]
+        return (x * total).sum(-1)
+
+    fast = ex.explain(model, src, mask, out, "integrated_gradients", steps=steps)
+    slow = per_token_reference(model, src, mask, out, ig)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    # completeness at the default steps: sum over frames = s_t(x) - s_t(0)
+    R = ex.explain(model, src, mask, out, "integrated_gradients")
+    tgt_in = torch.cat([torch.full((3, 1), model.bos_id), out[:, :-1]], 1)
+    with torch.no_grad():
+        s = model(src, mask, tgt_in).gather(2, out[..., None])[..., 0]
+        s0 = model(torch.zeros_like(src), mask, tgt_in).gather(2, out[..., None])[..., 0]
+    valid = out != model.pad_id
+    gap = (s - s0)[valid]
+    error = (R.sum(-1)[valid] - gap).abs()
+    assert error.sum() <= 0.01 * gap.abs().sum()                  # within 1% of the score changes
+    assert error.median() <= 0.01 * gap.abs().median()
+
+
+def test_rollout_equals_a_hand_computation():
+    # two layers, one head, two frames: A1 = [[1, 0], [.5, .5]], A2 = [[.5, .5], [0, 1]], cross row [.6, .4]
+    model = small_model()
+    ctx = ex._Context(model, torch.zeros(1, 2, 6), torch.ones(1, 2, dtype=torch.bool), torch.full((1, 1), 2),
+                      torch.full((1, 1), 5), torch.tensor([0]), torch.tensor([0]), ex.DEFAULTS)
+
+    class Maps:
+        maps = {"encoder_self": [torch.tensor([[[[1.0, 0.0], [0.5, 0.5]]]]), torch.tensor([[[[0.5, 0.5], [0.0, 1.0]]]])],
+                "decoder_cross": [torch.tensor([[[[0.6, 0.4]]]])]}
+
+    ctx.run = lambda **kw: Maps
+    R, _ = ex.rollout(ctx)
+    # rownorm(A1 + I) = [[1, 0], [.25, .75]]; rownorm(A2 + I) = [[.75, .25], [0, 1]]; E = [[.8125, .1875], [.25, .75]]
+    torch.testing.assert_close(R, torch.tensor([[0.6 * 0.8125 + 0.4 * 0.25, 0.6 * 0.1875 + 0.4 * 0.75]]))
+    assert R.sum() == pytest.approx(1.0)
+
+
+def test_spectral_methods_match_numpy():
+    model, src, mask, out = explain_inputs(seed=4)
+    with torch.no_grad():
+        memory = model.encode(src, mask)
+
+    def numpy_fiedler(L_real, b):
+        f = memory[b, :L_real].double().numpy()
+        f = f / np.linalg.norm(f, axis=1, keepdims=True)
+        W = np.clip(f @ f.T, 0, None)
+        W = W / W.max()
+        d = W.sum(1)
+        d[d < 1e-12] = 1
+        L = np.eye(L_real) - W / np.sqrt(d)[:, None] / np.sqrt(d)[None]
+        _, vec = np.linalg.eigh(L)
+        return np.abs(vec[:, 1] / np.sqrt(d))
+
+    v = ex.fiedler(memory, mask)
+    for b in range(3):
+        L = int(mask[b].sum())
+        np.testing.assert_allclose(v[b, :L].numpy(), numpy_fiedler(L, b), rtol=1e-4, atol=1e-6)
+        assert (v[b, L:] == 0).all()
+    fast = ex.explain(model, src, mask, out, "dsmi")
+    valid = out != model.pad_id
+    torch.testing.assert_close(fast, v[:, None].expand_as(fast) * valid[..., None], atol=1e-6, rtol=1e-6)
+    for method, weight in (("dsmi_grad", lambda a, g: g.clamp(min=0).mean(0)),
+                           ("dsmi_grad_attn", lambda a, g: (g * a).clamp(min=0).mean(0))):
+        formula = lambda maps, grads, x, g, t, b, L: sum(
+            weight(a, d) @ torch.from_numpy(numpy_fiedler(L, b)).float()
+            for a, d in zip(maps["encoder_self"], grads["encoder_self"]))
+        torch.testing.assert_close(ex.explain(model, src, mask, out, method),
+                                   per_token_reference(model, src, mask, out, formula), atol=1e-5, rtol=1e-4)
+    # fewer than 3 real frames: a uniform map, no NaN
+    short = torch.zeros(1, 4, dtype=torch.bool)
+    short[0, :2] = True
+    torch.testing.assert_close(ex.fiedler(torch.randn(1, 4, 8), short), torch.tensor([[0.5, 0.5, 0.0, 0.0]]))
+
+
+def test_lrp_rules_equal_loops_and_conserve():
+    torch.manual_seed(0)
+    ctx = type("C", (), {"opts": ex.DEFAULTS})()
+    rel = ex._Relprop(ctx, type("P", (), {"tape": {}})(), trace=[])
+    x, w, R = torch.randn(2, 3), torch.randn(4, 3), torch.randn(2, 4)
+    linear = torch.nn.Linear(3, 4)
+    linear.weight.data = w
+    rel.tape = {linear: ((x,), None)}
+    out = rel.linear(linear, R)
+    loop = torch.zeros(2, 3)
+    for i in range(2):
+        for k in range(4):
+            z = [max(float(x[i, j] * w[k, j]), 0.0) for j in range(3)]
+            for j in range(3):
+                loop[i, j] += z[j] / sum(z) * R[i, k] if sum(z) else 0.0
+    torch.testing.assert_close(out, loop)
+    a, b, R = torch.randn(2, 3, 4), torch.randn(2, 4, 5), torch.randn(2, 3, 5)
+    ra, rb = rel.matmul(a, b, R)
+    Z = a @ b
+    loop_a, loop_b = torch.zeros_like(a), torch.zeros_like(b)
+    for n in range(2):
+        for i in range(3):
+            for k in range(5):
+                for j in range(4):
+                    share = a[n, i, j] * b[n, j, k] / Z[n, i, k] * R[n, i, k] / 2
+                    loop_a[n, i, j] += share
+                    loop_b[n, j, k] += share
+    torch.testing.assert_close(ra, loop_a)
+    torch.testing.assert_close(rb, loop_b)
+    a, b, R = torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    ra, rb = rel.add(a, b, R)
+    for n in range(2):
+        sa, sb = (a[n] / (a[n] + b[n]) * R[n]).sum(), (b[n] / (a[n] + b[n]) * R[n]).sum()
+        assert ra[n].sum() == pytest.approx(float(abs(sa) / (abs(sa) + abs(sb)) * R[n].sum()), rel=1e-4)
+        torch.testing.assert_close(ra[n] / ra[n].sum(), (a[n] / (a[n] + b[n]) * R[n]) / sa)
+    for rule, r_in, r_out in rel.trace:
+        torch.testing.assert_close(r_out, r_in, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_lrp_conserves_relevance_through_every_rule(norm_first):
+    """In float64: the totals entering a rule can be ~1e-4 built from ~1e-2 parts, below float32's reach."""
+    model = small_model(norm_first=norm_first).double()
+    _, src, mask, out = explain_inputs(seed=5)
+    src = src.double()
+    valid = out != model.pad_id
+    b, t = valid.nonzero(as_tuple=True)
+    tgt_in = torch.cat([torch.full((3, 1), model.bos_id), out[:, :-1]], 1)
+    ctx = ex._Context(model, src, mask, tgt_in, out, b, t, ex.DEFAULTS)
+    trace = []
+    rel = ex._Relprop(ctx, ctx.run(tape=True), trace=trace)
+    R_src, R_tokens = rel.run()
+    assert {r for r, _, _ in trace} == {"linear", "matmul", "add"} and len(trace) > 40
+    for rule, r_in, r_out in trace:
+        err = (r_out - r_in).abs() / r_in.abs().clamp(min=1e-6)
+        assert err.max() <= 1e-4, (rule, err.max())
+    model.keep_attention(False)
+
+
+@pytest.mark.parametrize("method", ["lrp", "partial_lrp", "transformer_attribution", "dsmi_grad"])
+def test_batched_methods_equal_one_token_at_a_time(method):
+    """Batching, padding and chunking change nothing: each sample alone, unpadded, one token per pass."""
+    model, src, mask, out = explain_inputs(seed=6)
+    fast, fast_tokens = ex.explain(model, src, mask, out, method, return_tokens=True)
+    for b in range(3):
+        L, n = int(mask[b].sum()), int((out[b] != model.pad_id).sum())
+        one = ex.explain(model, src[b:b + 1, :L], mask[b:b + 1, :L], out[b:b + 1, :n], method, chunk=1)
+        torch.testing.assert_close(fast[b, :n, :L], one[0], atol=1e-5, rtol=1e-5)
+        assert (fast[b, n:] == 0).all() and (fast[b, :, L:] == 0).all()
+
+
+def test_random_control_is_seeded_and_masked():
+    model, src, mask, out = explain_inputs()
+    a, b = (ex.explain(model, src, mask, out, "random", seed=1) for _ in range(2))
+    assert torch.equal(a, b) and not torch.equal(a, ex.explain(model, src, mask, out, "random", seed=2))
+    assert (a[2, :, 5:] == 0).all() and (a[1, 3:] == 0).all() and (a[0] > 0).any()
+
+
+@pytest.mark.parametrize("method", ex.METHODS)
+def test_no_nan_on_edge_inputs(method):
+    """One real frame, two frames, one output token, fully masked tail, zero frames' features."""
+    model = small_model()
+    src = torch.randn(4, 6, 6)
+    src[3] = 0.0
+    mask = torch.zeros(4, 6, dtype=torch.bool)
+    mask[0, :1], mask[1, :2], mask[2, :6], mask[3, :3] = True, True, True, True
+    out = torch.tensor([[model.eos_id, 0, 0], [5, model.eos_id, 0], [6, 7, model.eos_id], [model.eos_id, 0, 0]])
+    R, tokens = ex.explain(model, src, mask, out, method, return_tokens=True)
+    assert torch.isfinite(R).all() and R.shape == (4, 3, 6)
+    assert (R[0, :, 1:] == 0).all() and (R[0, 1:] == 0).all()
+    if tokens is not None:
+        assert torch.isfinite(tokens).all()
+
+
+def test_explain_rejects_unknown_names():
+    model, src, mask, out = explain_inputs()
+    with pytest.raises(ValueError):
+        ex.explain(model, src, mask, out, "grad_cam")
+    with pytest.raises(TypeError):
+        ex.explain(model, src, mask, out, "generic", steps_=3)
