@@ -27,10 +27,11 @@ GRADIENT_METHODS = ("gradcam", "saliency", "input_x_gradient", "integrated_gradi
 DEFAULTS = dict(layer=-1, score="logit", steps=64, transpose=True, seed=0, chunk=256, eps=1e-9)
 
 
-def explain(model, src, src_mask, out_tokens, method="generic", return_tokens=False, **options):
+def explain(model, src, src_mask, out_tokens, method="generic", return_tokens=False, rows=None, **options):
     """Relevance (B, n, T) of each frame for each output token; with return_tokens, also (B, n, n) relevance
     over the decoder inputs (BOS, y_1, .., y_{n-1}) for the methods that give one, else None.
 
+    rows (B, n) bool picks the tokens to explain (default: every non-padding token); other rows are 0.
     Options (METHODS.md defaults): layer=-1 (attention, gradcam, partial_lrp: which decoder layer),
     score='logit' or 'logprob', steps=64 (integrated_gradients), transpose=True (generic's cross rule as the
     reference code), seed=0 (random), chunk=256 (tokens explained per batched pass), eps=1e-9 (LRP).
@@ -47,19 +48,18 @@ def explain(model, src, src_mask, out_tokens, method="generic", return_tokens=Fa
     T = src.shape[1]
     frames = torch.zeros(B, n, T, device=src.device)
     tokens = torch.zeros(B, n, n, device=src.device)
-    valid = out_tokens != model.pad_id
+    rows = out_tokens != model.pad_id if rows is None else rows & (out_tokens != model.pad_id)
     if method == "random":
         g = torch.Generator().manual_seed(opts["seed"])
-        frames = torch.rand(B, n, T, generator=g).to(src.device) * src_mask[:, None] * valid[..., None]
+        frames = torch.rand(B, n, T, generator=g).to(src.device) * src_mask[:, None] * rows[..., None]
         return (frames, None) if return_tokens else frames
     tgt_in = torch.cat([torch.full_like(out_tokens[:, :1], model.bos_id), out_tokens[:, :-1]], 1)
-    b_idx, t_idx = valid.nonzero(as_tuple=True)
+    b_idx, t_idx = rows.nonzero(as_tuple=True)                       # ordered by sample, then token
     keep = [m.keep for group in model.attention_modules().values() for m in group]
     training = model.training
     model.eval()
     try:
-        for start in range(0, len(b_idx), opts["chunk"]):
-            cb, ct = b_idx[start:start + opts["chunk"]], t_idx[start:start + opts["chunk"]]
+        for cb, ct in _chunks(b_idx, t_idx, opts["chunk"]):
             ctx = _Context(model, src, src_mask, tgt_in, out_tokens, cb, ct, opts)
             f, tok = _FUNCTIONS[method](ctx)
             frames[cb, ct, :f.shape[1]] = f.float() * src_mask[cb, :f.shape[1]]
@@ -71,9 +71,18 @@ def explain(model, src, src_mask, out_tokens, method="generic", return_tokens=Fa
             m.keep = k
         model.train(training)
     has_tokens = method in ("attention", "lrp", "transformer_attribution", "generic")
-    if not has_tokens:
-        tokens = None
-    return (frames, tokens) if return_tokens else frames
+    return (frames, tokens if has_tokens else None) if return_tokens else frames
+
+
+def _chunks(b_idx, t_idx, size):
+    """Runs of whole samples holding about `size` tokens (at least one sample each)."""
+    start = 0
+    while start < len(b_idx):
+        end = min(start + size, len(b_idx))
+        while end < len(b_idx) and b_idx[end] == b_idx[end - 1]:
+            end += 1
+        yield b_idx[start:end], t_idx[start:end]
+        start = end
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -81,81 +90,76 @@ def explain(model, src, src_mask, out_tokens, method="generic", return_tokens=Fa
 # ----------------------------------------------------------------------------------------------------
 
 class _Context:
-    """The tokens of one chunk: copy i explains token ct[i] of sample cb[i]. Frames and decoder inputs are
-    trimmed to what the chunk needs (later frames are padding, later tokens are not seen by the causal
-    decoder)."""
+    """The tokens of one chunk: copy i explains token ct[i] of sample cb[i]. Each sample is forwarded once;
+    frames and decoder inputs are trimmed to what the chunk needs (later frames are padding, later tokens
+    are not seen by the causal decoder)."""
 
     def __init__(self, model, src, src_mask, tgt_in, out_tokens, cb, ct, opts):
-        self.model, self.opts, self.cb, self.ct = model, opts, cb, ct
-        T = int(src_mask[cb].sum(1).max())
+        self.model, self.opts, self.ct = model, opts, ct
+        samples, self.inverse = torch.unique(cb, return_inverse=True)
+        T = int(src_mask[samples].sum(1).max())
         n = int(ct.max()) + 1
-        self.src, self.mask = src[cb, :T], src_mask[cb, :T]
-        self.tgt_in, self.target = tgt_in[cb, :n], out_tokens[cb, ct]
+        self.src, self.mask = src[samples, :T], src_mask[samples, :T]         # (S, T, F), (S, T) per sample
+        self.tgt_in, self.out = tgt_in[samples, :n], out_tokens[samples, :n]
+        self.target = out_tokens[cb, ct]                                        # (N,) per copy
         self.N, self.T, self.n = len(cb), T, n
         self.rows = torch.arange(self.N, device=src.device)
-        self.samples, self.inverse = torch.unique(cb, return_inverse=True)     # each sample once
 
-    def run(self, grads=(), src=None, tape=False, per_sample=False):
-        """Forward with attention kept. `grads` names what to differentiate each copy's score by: 'input'
-        and/or attention groups ('encoder_self', 'decoder_self', 'decoder_cross'). `tape` records every
-        module's inputs and output (for LRP). Without gradients, `per_sample` forwards each sample once
-        and hands every copy its sample's maps. Returns a _Pass."""
+    def run(self, grads=(), src=None, tape=False):
+        """One forward of the chunk's samples with attention kept. `grads` names what to differentiate each
+        copy's score by: 'input' and/or attention groups ('encoder_self', 'decoder_self', 'decoder_cross');
+        all copies' gradients come from one backward batched over token positions. `tape` records every
+        module's inputs and output (for LRP). Returns a _Pass whose tensors are per copy."""
         model = self.model.keep_attention(True)
         x = self.src if src is None else src
-        mask, tgt_in = self.mask, self.tgt_in
-        if per_sample:
-            first = _first_index(self.inverse, len(self.samples))
-            x, mask, tgt_in = x[first], mask[first], tgt_in[first]
         if "input" in grads:
             x = x.detach().requires_grad_(True)
-        records = {}
-        hooks = []
+        records, hooks = {}, []
         if tape:
             for module in model.modules():
                 hooks.append(module.register_forward_hook(
                     lambda m, args, out: records.__setitem__(m, (args, out))))
         try:
             with torch.set_grad_enabled(bool(grads)):
-                memory = model.encode(x, mask)
-                logits = model.decode(memory, mask, tgt_in)
+                memory = model.encode(x, self.mask)
+                logits = model.decode(memory, self.mask, self.tgt_in)
         finally:
             for h in hooks:
                 h.remove()
         maps = {k: [m.attention for m in v] for k, v in model.attention_modules().items()}
-        if per_sample:
-            maps = {k: [a[self.inverse] for a in v] for k, v in maps.items()}
-            memory = memory[self.inverse]
-        p = _Pass(logits=logits, maps=maps, src=x, tape=records)
-        p.memory = memory.detach()
+        copy = lambda t: t[self.inverse] if t.dim() and t.shape[0] == len(self.src) else t   # masks broadcast
+        p = _Pass(maps={k: [copy(a.detach()) for a in v] for k, v in maps.items()}, src=copy(x.detach()),
+                  mask=copy(self.mask), memory=memory.detach(), tape=records, copy=copy)
         if grads:
-            step = logits[self.rows, self.ct]                                    # (N, V)
-            if self.opts["score"] == "logprob":
-                step = step.log_softmax(-1)
-            score = step.gather(1, self.target[:, None])[:, 0]
+            step = logits.log_softmax(-1) if self.opts["score"] == "logprob" else logits
+            score = step.gather(-1, self.out[..., None])[..., 0]                   # (S, n)
             wanted = ([x] if "input" in grads else []) + [a for g in grads if g != "input" for a in maps[g]]
-            got = torch.autograd.grad(score.sum(), wanted, allow_unused=True)
-            got = [torch.zeros_like(w) if d is None else d for w, d in zip(wanted, got)]
-            p.score = score.detach()
+            got = _per_token_grads(score, wanted, self.inverse, self.ct)
             if "input" in grads:
                 p.input_grad, got = got[0], got[1:]
-            p.grads = {}
             for g in (g for g in grads if g != "input"):
-                p.grads[g], got = list(got[:len(maps[g])]), got[len(maps[g]):]
-        p.maps = {k: [a.detach() for a in v] for k, v in maps.items()}
+                p.grads[g], got = got[:len(maps[g])], got[len(maps[g]):]
         return p
 
 
+def _per_token_grads(score, wanted, inverse, ct):
+    """d score[inverse[i], ct[i]] / d wanted, for every copy i: one backward per distinct token position,
+    batched (vmapped) over the positions; each position's backward serves every sample at once."""
+    positions, slot = torch.unique(ct, return_inverse=True)
+    cotangent = torch.zeros(len(positions), *score.shape, device=score.device)
+    cotangent[slot, inverse, ct] = 1.0
+    if len(positions) == 1:
+        got = torch.autograd.grad(score, wanted, cotangent[0], allow_unused=True)
+        got = [None if g is None else g[None] for g in got]
+    else:
+        got = torch.autograd.grad(score, wanted, cotangent, is_grads_batched=True, allow_unused=True)
+    return [torch.zeros_like(w[inverse]) if g is None else g[slot, inverse] for w, g in zip(wanted, got)]
+
+
 class _Pass:
-    def __init__(self, logits, maps, src, tape):
-        self.logits, self.maps, self.src, self.tape = logits, maps, src, tape
-        self.score, self.input_grad, self.grads, self.memory = None, None, {}, None
-
-
-def _first_index(inverse, count):
-    """For each of `count` groups, the first position where `inverse` takes its value."""
-    positions = torch.arange(len(inverse), device=inverse.device)
-    first = torch.full((count,), len(inverse), dtype=torch.long, device=inverse.device)
-    return first.scatter_reduce(0, inverse, positions, reduce="amin")
+    def __init__(self, maps, src, mask, memory, tape, copy):
+        self.maps, self.src, self.mask, self.memory, self.tape, self.copy = maps, src, mask, memory, tape, copy
+        self.input_grad, self.grads = None, {}
 
 
 def _row(a, ctx):
@@ -169,14 +173,14 @@ def _row(a, ctx):
 
 def attention(ctx):
     """Raw attention: R[t] = mean_h A_cross[h, t, :] of one decoder layer (the last by default)."""
-    p = ctx.run(per_sample=True)
+    p = ctx.run()
     layer = ctx.opts["layer"]
     return _row(p.maps["decoder_cross"][layer], ctx), _row(p.maps["decoder_self"][layer], ctx)
 
 
 def rollout(ctx):
     """Attention rollout (Abnar & Zuidema 2020): E = prod_l rownorm(mean_h A_enc_l + I); R[t] = (mean_h A_cross_L E)[t]."""
-    p = ctx.run(per_sample=True)
+    p = ctx.run()
     eye = torch.eye(ctx.T, device=ctx.src.device)
     E = eye.expand(ctx.N, ctx.T, ctx.T)
     for a in p.maps["encoder_self"]:
@@ -191,8 +195,8 @@ def gradcam(ctx):
     p = ctx.run(grads=("decoder_cross",))
     layer = ctx.opts["layer"]
     a = p.maps["decoder_cross"][layer][ctx.rows, :, ctx.ct]                 # (N, h, T)
-    g = p.grads["decoder_cross"][layer][ctx.rows, :, ctx.ct] * ctx.mask[:, None]   # a masked entry is 0 but
-    w = g.sum(-1, keepdim=True) / ctx.mask.sum(1)[:, None, None]                  # its gradient need not be
+    g = p.grads["decoder_cross"][layer][ctx.rows, :, ctx.ct] * p.mask[:, None]     # a masked entry is 0 but
+    w = g.sum(-1, keepdim=True) / p.mask.sum(1)[:, None, None]                    # its gradient need not be
     return (w * a).mean(1).clamp(min=0), None
 
 
@@ -214,10 +218,10 @@ def integrated_gradients(ctx):
     R[t, tau] = sum_f x[tau, f] sum_i w_i ds_t/dx[tau, f] (alpha_i x); sum_tau R[t] ~ s_t(x) - s_t(0).
     ReLU switches along the path put kinks in the integrand, so the error falls about as 1 / steps^2."""
     nodes, weights = np.polynomial.legendre.leggauss(ctx.opts["steps"])
-    total = torch.zeros_like(ctx.src)
+    total = 0.0
     for alpha, w in zip((nodes + 1) / 2, weights / 2):
-        total += w * ctx.run(grads=("input",), src=ctx.src * float(alpha)).input_grad
-    return (ctx.src * total).sum(-1), None
+        total = total + w * ctx.run(grads=("input",), src=ctx.src * float(alpha)).input_grad
+    return (ctx.src[ctx.inverse] * total).sum(-1), None
 
 
 def _aggregate(a, g):
@@ -287,8 +291,17 @@ class _Relprop:
     `trace`, when a list, receives (rule, relevance in, relevance out) per copy for conservation checks."""
 
     def __init__(self, ctx, p, trace=None):
-        self.ctx, self.tape, self.eps, self.trace = ctx, p.tape, ctx.opts["eps"], trace
+        self.ctx, self.tape, self.copy, self.eps, self.trace = ctx, p.tape, p.copy, ctx.opts["eps"], trace
         self.at_attention = {}          # attention module -> (N, h, q, k) relevance at its map
+        self._copies = {}
+
+    def get(self, module):
+        """The module's recorded (inputs, output), one copy per explained token."""
+        if module not in self._copies:
+            args, out = self.tape[module]
+            self._copies[module] = (tuple(self.copy(a) if torch.is_tensor(a) else a for a in args),
+                                    self.copy(out) if torch.is_tensor(out) else out)
+        return self._copies[module]
 
     def _div(self, a, b):
         safe = torch.where(b == 0, torch.ones_like(b), b + self.eps * torch.sign(b))
@@ -300,7 +313,7 @@ class _Relprop:
             self.trace.append((rule, r_in.sum(dims(r_in)), sum(r.sum(dims(r)) for r in r_out)))
 
     def linear(self, module, R):
-        x = self.tape[module][0][0]
+        x = self.get(module)[0][0]
         w = module.weight
         xp, xn, wp, wn = x.clamp(min=0), x.clamp(max=0), w.clamp(min=0), w.clamp(max=0)
         S = self._div(R, F.linear(xp, wp) + F.linear(xn, wn))
@@ -334,15 +347,15 @@ class _Relprop:
 
     def attention(self, module, R):
         """Returns relevance at the query input and at the key/value input."""
-        (x, memory, _), _ = self.tape[module]
+        (x, memory, _), _ = self.get(module)
         N, Tq, C = x.shape
         h, Tk = module.heads, memory.shape[1]
         heads = lambda t, L: t.view(N, L, h, C // h).transpose(1, 2)                  # (N, h, L, hs)
         merge = lambda t: t.transpose(1, 2).reshape(N, -1, C)
         R_y = heads(self.linear(module.proj, R), Tq)
-        q = heads(self.tape[module.query][1], Tq) / math.sqrt(C // h)
-        k, v = heads(self.tape[module.key][1], Tk), heads(self.tape[module.value][1], Tk)
-        R_att, R_v = self.matmul(module.attention, v, R_y)
+        q = heads(self.get(module.query)[1], Tq) / math.sqrt(C // h)
+        k, v = heads(self.get(module.key)[1], Tk), heads(self.get(module.value)[1], Tk)
+        R_att, R_v = self.matmul(self.copy(module.attention), v, R_y)
         self.at_attention[module] = R_att
         R_q, R_kt = self.matmul(q, k.transpose(-2, -1), R_att)          # the softmax passes relevance on
         R_x = self.linear(module.query, merge(R_q))
@@ -350,16 +363,16 @@ class _Relprop:
         return R_x, R_m
 
     def encoder_layer(self, layer, R):
-        (x, _), _ = self.tape[layer]
-        a = self.tape[layer.self_attention][1]
-        f = self.tape[layer.feedforward][1]
+        (x, _), _ = self.get(layer)
+        a = self.get(layer.self_attention)[1]
+        f = self.get(layer.feedforward)[1]
         if layer.norm_first:        # x1 = x + a;  out = x1 + f(norm2(x1))
             x1 = x + a
             R_x1, R_f = self.add(x1, f, R)
             R_x1 = R_x1 + self.sequential(layer.feedforward, R_f)
             R_x, R_a = self.add(x, a, R_x1)
         else:                       # x1 = norm1(x + a);  out = norm2(x1 + f(x1))
-            x1 = self.tape[layer.norm1][1]
+            x1 = self.get(layer.norm1)[1]
             R_x1, R_f = self.add(x1, f, R)
             R_x1 = R_x1 + self.sequential(layer.feedforward, R_f)
             R_x, R_a = self.add(x, a, R_x1)
@@ -367,14 +380,14 @@ class _Relprop:
         return R_x + R_q + R_kv
 
     def decoder_layer(self, layer, R):
-        (y, _, _, _), _ = self.tape[layer]
-        s = self.tape[layer.self_attention][1]
-        c = self.tape[layer.cross_attention][1]
-        f = self.tape[layer.feedforward][1]
+        (y, _, _, _), _ = self.get(layer)
+        s = self.get(layer.self_attention)[1]
+        c = self.get(layer.cross_attention)[1]
+        f = self.get(layer.feedforward)[1]
         if layer.norm_first:
             y1, y2 = y + s, y + s + c
         else:
-            y1, y2 = self.tape[layer.norm1][1], self.tape[layer.norm2][1]
+            y1, y2 = self.get(layer.norm1)[1], self.get(layer.norm2)[1]
         R_y2, R_f = self.add(y2, f, R)
         R_y2 = R_y2 + self.sequential(layer.feedforward, R_f)
         R_y1, R_c = self.add(y1, c, R_y2)
@@ -388,7 +401,7 @@ class _Relprop:
     def run(self):
         """Relevance of the input features (N, T, F) and of the decoder input tokens (N, n)."""
         ctx, model = self.ctx, self.ctx.model
-        logits = self.tape[model.head][1]
+        logits = self.get(model.head)[1]
         R = torch.zeros_like(logits)
         R[ctx.rows, ctx.ct, ctx.target] = 1.0
         R = self.linear(model.head, R)
@@ -396,13 +409,13 @@ class _Relprop:
         for layer in reversed(model.decoder):
             R, R_m = self.decoder_layer(layer, R)
             R_memory = R_memory + R_m
-        (tokens,), embedded = self.tape[model.token_embed]
+        (tokens,), embedded = self.get(model.token_embed)
         token_part = embedded * math.sqrt(model.cfg.d_model)
         R_tokens, _ = self.add(token_part, _positions(token_part), R)      # the positions are a sink
         R = R_memory
         for layer in reversed(model.encoder):
             R = self.encoder_layer(layer, R)
-        frames = self.tape[model.embed][1]
+        frames = self.get(model.embed)[1]
         R_frames, _ = self.add(frames, _positions(frames), R)
         return self.sequential(model.embed, R_frames), R_tokens.sum(-1)
 
@@ -457,10 +470,9 @@ def fiedler(features, mask):
 
 def _spectral(ctx, grads=None):
     if grads is None:
-        p = ctx.run(per_sample=True)
-        return fiedler(p.memory, ctx.mask), None
+        return fiedler(ctx.run().memory, ctx.mask)[ctx.inverse], None
     p = ctx.run(grads=("encoder_self",))
-    v = fiedler(p.memory, ctx.mask)
+    v = fiedler(p.memory, ctx.mask)[ctx.inverse]
     R = torch.zeros(ctx.N, ctx.T, device=ctx.src.device)
     for a, g in zip(p.maps["encoder_self"], p.grads["encoder_self"]):
         weight = g.clamp(min=0).mean(1) if grads == "grad" else _aggregate(a, g)

@@ -5,6 +5,8 @@
     python run.py train --data PATH [--format gsl|signjoey] [--signcl 0.01]
     python run.py train --resume runs/<name>
     python run.py eval runs/<name> [--split test]
+    python run.py extract [RUN] [--methods all]   # attention maps, CTC posteriors and every relevance method
+    python run.py bench [RUN] [--limit 20]        # batched explanations vs the per-token loop
 
 This is the only module that parses arguments, lays out run folders and prints progress.
 """
@@ -21,6 +23,7 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 
+import explain
 import signattention as sa
 from sign_cl import SignCL, ctc_viterbi, sdr, signcl_margin
 
@@ -435,6 +438,140 @@ def latest_run(root="runs"):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Explanations
+# ----------------------------------------------------------------------------------------------------
+
+def open_run(args, log):
+    """The run's best model, its configuration and the requested split as a dataset."""
+    device = device_of(args.device)
+    run_dir = args.run or latest_run()
+    state = sa.load_checkpoint(os.path.join(run_dir, "best.pt"), device)
+    config = state["config"]
+    data_path = args.data or config["data_path"]
+    ensure_data(data_path, log)
+    data_cfg = sa.DataConfig(**config["data"])
+    records = read_data(data_path, data_cfg, (args.split,), args.skip_bad, log)[args.split]
+    model = sa.model_from_checkpoint(state, device)
+    dataset = sa.SignDataset(records, data_cfg, sa.Vocabulary.from_list(state["gloss_vocab"]),
+                             sa.Vocabulary.from_list(state["text_vocab"]))
+    return run_dir, model, dataset, TrainConfig(**config["train"]), state, device
+
+
+def method_list(text):
+    methods = list(explain.METHODS) if text == "all" else [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in explain.METHODS]
+    if unknown:
+        raise sa.DataError(f"--methods: unknown method(s) {', '.join(unknown)} (choose from all, "
+                           f"{', '.join(explain.METHODS)})")
+    return methods
+
+
+def length_sorted_batches(dataset, batch_size, limit=None):
+    order = list(range(len(dataset)))[:limit]
+    order.sort(key=lambda i: len(dataset.records[i].frames))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def extract(args):
+    """Decode a split and keep, per sample, every attention map, the CTC posteriors and the relevance of
+    every requested method; one file per split, loadable with torch.load(weights_only=True)."""
+    log = lambda msg: print(msg, flush=True)
+    run_dir, model, dataset, train_cfg, state, device = open_run(args, log)
+    methods = method_list(args.methods)
+    beam = train_cfg.beam if args.beam is None else args.beam
+    target = dataset.target_vocab
+    samples = [None] * len(dataset)
+    seconds = dict.fromkeys(methods, 0.0)
+    batches = length_sorted_batches(dataset, args.batch_size, args.limit)
+    total = sum(len(b) for b in batches)
+    start, done = time.time(), 0
+    for indices in batches:
+        batch = to(dataset.batch(indices), device)
+        src, mask = batch["src"], batch["src_mask"]
+        with torch.no_grad():
+            memory = model.encode(src, mask)
+            out = sa.beam_search(model, src, mask, beam, train_cfg.alpha, dataset.cfg.max_tokens + 1, memory)
+            posteriors = model.gloss_logits(memory).softmax(-1)
+            model.keep_attention(True)
+            tgt_in = torch.cat([torch.full_like(out[:, :1], model.bos_id), out[:, :-1]], 1)
+            model(src, mask, tgt_in)
+            maps = {k: torch.stack([m.attention for m in v], 1) for k, v in model.attention_modules().items()}
+            branches = [layer.branches for layer in model.decoder]
+            model.keep_attention(False)
+        relevance = {}
+        for method in methods:
+            tic = time.time()
+            relevance[method] = explain.explain(model, src, mask, out, method, return_tokens=True)
+            seconds[method] += time.time() - tic
+        ctc = sa.ctc_decode(posteriors.log(), mask)
+        for b, i in enumerate(indices):
+            r = dataset.records[i]
+            T, n = int(mask[b].sum()), int((out[b] != model.pad_id).sum())
+            half = lambda x: x.detach().to("cpu", torch.float16).clone()
+            samples[i] = dict(
+                id=r.id, gloss_reference=r.gloss, text_reference=r.text,
+                prediction=target.decode(out[b].tolist()), gloss_prediction=dataset.gloss_vocab.decode(ctc[b]),
+                tokens=[target.itos[t] for t in out[b, :n].tolist()], frames=T,
+                attention=dict(encoder_self=half(maps["encoder_self"][b, :, :, :T, :T]),
+                               decoder_self=half(maps["decoder_self"][b, :, :, :n, :n]),
+                               decoder_cross=half(maps["decoder_cross"][b, :, :, :n, :T])),
+                gloss_posteriors=half(posteriors[b, :T]),
+                branch_norms=dict(tokens=torch.stack([s[b, :n].norm(dim=-1) for s, _ in branches]).cpu(),
+                                  video=torch.stack([c[b, :n].norm(dim=-1) for _, c in branches]).cpu()),
+                relevance={m: rel[b, :n, :T].cpu().clone() for m, (rel, _) in relevance.items()},
+                token_relevance={m: tok[b, :n, :n].cpu().clone() for m, (_, tok) in relevance.items()
+                                 if tok is not None})
+        done += len(indices)
+        rate = done / (time.time() - start)
+        log(f"extract {args.split}: {done}/{total} samples  {rate:.2f} samples/s  ETA {format_time((total - done) / rate)}")
+    samples = [s for s in samples if s is not None]
+    meta = dict(run=run_dir, split=args.split, epoch=state["epoch"], methods=methods, beam=beam,
+                data_config=state["data_config"], gloss_vocab=state["gloss_vocab"], target=dataset.cfg.target,
+                target_vocab=target.itos, seconds_per_sample={m: t / len(samples) for m, t in seconds.items()})
+    path = os.path.join(run_dir, f"extract_{args.split}.pt")
+    sa.save_checkpoint(path, dict(meta=meta, samples=samples))
+    log("seconds per sample: " + ", ".join(f"{m} {t:.3f}" for m, t in meta["seconds_per_sample"].items()))
+    log(f"wrote {path} ({len(samples)} samples, {os.path.getsize(path) / 1e6:.1f} MB)")
+    return path
+
+
+def bench(args):
+    """Batched explanations against the per-token loop (each sample alone, one pass per token): seconds
+    per sample side by side, the speed-up, and the largest difference between the two."""
+    log = lambda msg: print(msg, flush=True)
+    run_dir, model, dataset, train_cfg, _, device = open_run(args, log)
+    methods = method_list(args.methods)
+    batches = length_sorted_batches(dataset, args.batch_size, args.limit)
+    inputs = []
+    for indices in batches:
+        batch = to(dataset.batch(indices), device)
+        out = sa.greedy_decode(model, batch["src"], batch["src_mask"], dataset.cfg.max_tokens + 1)
+        inputs.append((batch["src"], batch["src_mask"], out))
+    count = sum(len(b) for b in batches)
+    log(f"{run_dir}: {count} {args.split} samples, batches of {args.batch_size}, device {device}")
+    log(f"{'method':>24}  {'batched s/sample':>16}  {'loop s/sample':>13}  {'speed-up':>8}  {'max |diff|':>10}")
+    for method in methods:
+        tic = time.time()
+        fast = [explain.explain(model, src, mask, out, method) for src, mask, out in inputs]
+        batched = (time.time() - tic) / count
+        if method not in explain.GRADIENT_METHODS + ("lrp", "partial_lrp"):
+            log(f"{method:>24}  {batched:16.4f}  {'-':>13}  {'-':>8}  {'-':>10}")
+            continue
+        tic, diff = time.time(), 0.0
+        for (src, mask, out), rel in zip(inputs, fast):
+            for b in range(len(src)):
+                T, n = int(mask[b].sum()), int((out[b] != model.pad_id).sum())
+                for t in range(n):                           # one token per pass
+                    row = torch.zeros(1, n, dtype=torch.bool, device=device)
+                    row[0, t] = True
+                    one = explain.explain(model, src[b:b + 1, :T], mask[b:b + 1, :T], out[b:b + 1, :n], method,
+                                          rows=row)
+                    diff = max(diff, float((one[0, t] - rel[b, t, :T]).abs().max()))
+        loop = (time.time() - tic) / count
+        log(f"{method:>24}  {batched:16.4f}  {loop:13.4f}  {loop / batched:7.1f}x  {diff:10.2e}")
+
+
+# ----------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------
 
@@ -470,13 +607,24 @@ def parser():
     e.add_argument("--split", choices=sa.SPLITS, default="test", help="split to evaluate")
     e.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint")
     e.add_argument("--beam", type=int, help="beam size (default: the run's)")
+
+    for name, helptext in (("extract", "decode a split and save attention, CTC posteriors and relevance"),
+                           ("bench", "time batched explanations against the per-token loop")):
+        x = sub.add_parser(name, parents=[shared], help=helptext)
+        x.add_argument("run", nargs="?", help="run folder (default: the most recent under runs/)")
+        x.add_argument("--split", choices=sa.SPLITS, default="test", help="split to explain")
+        x.add_argument("--methods", default="all", help="comma-separated methods, or all")
+        x.add_argument("--batch-size", type=int, default=16, help="samples per batch")
+        x.add_argument("--limit", type=int, default=20 if name == "bench" else None, help="first K samples only")
+        if name == "extract":
+            x.add_argument("--beam", type=int, help="beam size of the decoding (default: the run's)")
     return p
 
 
 def main(argv=None):
     args = parser().parse_args(argv)
     try:
-        {"train": train, "eval": eval_mode}[args.mode](args)
+        {"train": train, "eval": eval_mode, "extract": extract, "bench": bench}[args.mode](args)
     except sa.DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

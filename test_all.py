@@ -35,6 +35,16 @@ def tiny_gsl(tmp_path_factory):
                                      seed=1)
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tiny_gsl, tmp_path_factory):
+    """One tiny trained run (2 epochs, SignCL on), shared by the tests that read a run folder."""
+    cwd = tmp_path_factory.mktemp("runs")
+    result = run(["train", "--data", tiny_gsl, "--epochs", "2", "--out", "r", "--signcl", "0.01"] + TINY_MODEL,
+                 str(cwd))
+    assert result.returncode == 0, result.stderr
+    return cwd, result.stdout
+
+
 def copy_gsl(src, dst, rows=None):
     """A copy of a GSL folder (poses linked), optionally with the annotations rows replaced."""
     os.makedirs(os.path.join(dst, "poses"))
@@ -489,11 +499,8 @@ def history_without_time(run_dir):
         return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in f]
 
 
-def test_train_then_eval_as_a_user(tiny_gsl, tmp_path):
-    result = run(["train", "--data", tiny_gsl, "--epochs", "2", "--out", "r", "--signcl", "0.01"] + TINY_MODEL,
-                 str(tmp_path))
-    assert result.returncode == 0, result.stderr
-    out = result.stdout
+def test_train_then_eval_as_a_user(tiny_gsl, tiny_run):
+    tmp_path, out = tiny_run
     assert "epoch   1/2" in out and "ETA" in out and "BLEU-4" in out and "sacrebleu: nrefs:1" in out
     run_dir = tmp_path / "r"
     assert {"config.json", "best.pt", "last.pt", "metrics.jsonl", "translations.csv", "results.json"} <= set(os.listdir(run_dir))
@@ -738,7 +745,7 @@ def test_spectral_methods_match_numpy():
 def test_lrp_rules_equal_loops_and_conserve():
     torch.manual_seed(0)
     ctx = type("C", (), {"opts": ex.DEFAULTS})()
-    rel = ex._Relprop(ctx, type("P", (), {"tape": {}})(), trace=[])
+    rel = ex._Relprop(ctx, type("P", (), {"tape": {}, "copy": staticmethod(lambda t: t)})(), trace=[])
     x, w, R = torch.randn(2, 3), torch.randn(4, 3), torch.randn(2, 4)
     linear = torch.nn.Linear(3, 4)
     linear.weight.data = w
@@ -801,8 +808,12 @@ def test_batched_methods_equal_one_token_at_a_time(method):
     fast, fast_tokens = ex.explain(model, src, mask, out, method, return_tokens=True)
     for b in range(3):
         L, n = int(mask[b].sum()), int((out[b] != model.pad_id).sum())
-        one = ex.explain(model, src[b:b + 1, :L], mask[b:b + 1, :L], out[b:b + 1, :n], method, chunk=1)
-        torch.testing.assert_close(fast[b, :n, :L], one[0], atol=1e-5, rtol=1e-5)
+        for t in range(n):
+            row = torch.zeros(1, n, dtype=torch.bool)
+            row[0, t] = True
+            one = ex.explain(model, src[b:b + 1, :L], mask[b:b + 1, :L], out[b:b + 1, :n], method, rows=row)
+            torch.testing.assert_close(fast[b, t, :L], one[0, t], atol=1e-5, rtol=1e-5)
+            assert (one[0, :t] == 0).all() and (one[0, t + 1:] == 0).all()
         assert (fast[b, n:] == 0).all() and (fast[b, :, L:] == 0).all()
 
 
@@ -835,3 +846,40 @@ def test_explain_rejects_unknown_names():
         ex.explain(model, src, mask, out, "grad_cam")
     with pytest.raises(TypeError):
         ex.explain(model, src, mask, out, "generic", steps_=3)
+
+
+def test_extract_writes_every_map_and_method(tiny_run):
+    cwd, _ = tiny_run
+    result = run(["extract", "r", "--limit", "5", "--batch-size", "2"], str(cwd))
+    assert result.returncode == 0, result.stderr
+    assert "extract test: 5/5 samples" in result.stdout and "samples/s" in result.stdout and "ETA" in result.stdout
+    data = torch.load(cwd / "r" / "extract_test.pt", weights_only=True)
+    meta, samples = data["meta"], data["samples"]
+    assert meta["methods"] == list(ex.METHODS) and len(samples) == 5 and meta["split"] == "test"
+    config = json.load(open(cwd / "r" / "config.json"))["model"]
+    for s in samples:
+        n, T = len(s["tokens"]), s["frames"]
+        assert s["tokens"][-1] == sa.EOS or n == 21
+        att = s["attention"]
+        assert att["encoder_self"].shape == (config["encoder_layers"], config["heads"], T, T)
+        assert att["decoder_cross"].shape == (config["decoder_layers"], config["heads"], n, T)
+        assert att["decoder_self"].shape == (config["decoder_layers"], config["heads"], n, n)
+        torch.testing.assert_close(att["decoder_cross"].float().sum(-1), torch.ones(config["decoder_layers"], config["heads"], n),
+                                   atol=3e-3, rtol=0)
+        assert s["gloss_posteriors"].shape[0] == T and s["branch_norms"]["video"].shape == (config["decoder_layers"], n)
+        assert set(s["relevance"]) == set(ex.METHODS)
+        assert all(r.shape == (n, T) and torch.isfinite(r).all() for r in s["relevance"].values())
+        assert set(s["token_relevance"]) == {"attention", "lrp", "transformer_attribution", "generic"}
+    assert all(s["id"].startswith("synth_signer3") for s in samples)
+
+
+def test_bench_reports_the_same_numbers(tiny_run):
+    cwd, _ = tiny_run
+    result = run(["bench", "r", "--limit", "3", "--methods", "saliency,generic,lrp,attention"], str(cwd))
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[2:]}
+    assert set(rows) == {"saliency", "generic", "lrp", "attention"}
+    for method in ("saliency", "generic", "lrp"):
+        assert float(rows[method][-1]) <= 1e-5 and rows[method][-2].endswith("x")
+    bad = run(["bench", "r", "--methods", "gradcam,nope"], str(cwd))
+    assert bad.returncode == 2 and "unknown method(s) nope" in bad.stderr
