@@ -13,6 +13,7 @@ maps names to functions, each a few lines over two shared pieces written once:
 - `_Relprop`: LRP (Chefer et al., CVPR 2021 rules) walked backwards through the same model class that
   trains, from activations recorded by forward hooks.
 """
+import copy
 import math
 
 import numpy as np
@@ -22,6 +23,10 @@ import torch.nn.functional as F
 METHODS = ("attention", "rollout", "gradcam", "saliency", "input_x_gradient", "integrated_gradients", "lrp",
            "partial_lrp", "transformer_attribution", "generic", "dsmi", "dsmi_grad", "dsmi_grad_attn", "random")
 SIGNED = {"input_x_gradient", "integrated_gradients", "lrp"}
+# LRP's residual rule divides by a + b, which can nearly cancel element-wise (relevance sums then grow a
+# hundredfold inside one add): in float32 the rounding of the forward pass decides these methods' maps for
+# about a fifth of the tokens of the trained default model. They are computed in float64.
+FLOAT64 = {"lrp", "partial_lrp", "transformer_attribution"}
 GRADIENT_METHODS = ("gradcam", "saliency", "input_x_gradient", "integrated_gradients", "transformer_attribution",
                     "generic", "dsmi_grad", "dsmi_grad_attn")
 DEFAULTS = dict(layer=-1, score="logit", steps=64, transpose=True, seed=0, chunk=256, eps=1e-9)
@@ -55,6 +60,8 @@ def explain(model, src, src_mask, out_tokens, method="generic", return_tokens=Fa
         return (frames, None) if return_tokens else frames
     tgt_in = torch.cat([torch.full_like(out_tokens[:, :1], model.bos_id), out_tokens[:, :-1]], 1)
     b_idx, t_idx = rows.nonzero(as_tuple=True)                       # ordered by sample, then token
+    if method in FLOAT64 and src.dtype != torch.float64:
+        model, src = copy.deepcopy(model).double(), src.double()
     keep = [m.keep for group in model.attention_modules().values() for m in group]
     training = model.training
     model.eval()
@@ -74,15 +81,23 @@ def explain(model, src, src_mask, out_tokens, method="generic", return_tokens=Fa
     return (frames, tokens if has_tokens else None) if return_tokens else frames
 
 
-def _chunks(b_idx, t_idx, size):
-    """Runs of whole samples holding about `size` tokens (at least one sample each)."""
-    start = 0
-    while start < len(b_idx):
-        end = min(start + size, len(b_idx))
-        while end < len(b_idx) and b_idx[end] == b_idx[end - 1]:
-            end += 1
-        yield b_idx[start:end], t_idx[start:end]
-        start = end
+def _chunks(b_idx, t_idx, size, slack=1.25):
+    """Groups of whole samples with about `size` tokens in all. Samples are taken longest output first and
+    a group closes when padding every sample to the group's longest output would cost more than `slack`
+    times its real tokens: the batched backward runs once per token position for every sample."""
+    counts = torch.bincount(b_idx)
+    order = sorted(counts.nonzero().flatten().tolist(), key=lambda b: -int(counts[b]))
+    group, longest, tokens = [], 0, 0
+    for b in order + [None]:
+        n_b = 0 if b is None else int(counts[b])
+        full = tokens + n_b > size or (len(group) + 1) * max(longest, n_b) > slack * (tokens + n_b)
+        if group and (b is None or full):
+            pick = torch.isin(b_idx, torch.tensor(group, device=b_idx.device))
+            yield b_idx[pick], t_idx[pick]
+            group, longest, tokens = [], 0, 0
+        if b is not None:
+            group.append(b)
+            longest, tokens = max(longest, n_b), tokens + n_b
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -181,7 +196,7 @@ def attention(ctx):
 def rollout(ctx):
     """Attention rollout (Abnar & Zuidema 2020): E = prod_l rownorm(mean_h A_enc_l + I); R[t] = (mean_h A_cross_L E)[t]."""
     p = ctx.run()
-    eye = torch.eye(ctx.T, device=ctx.src.device)
+    eye = torch.eye(ctx.T, device=ctx.src.device, dtype=ctx.src.dtype)
     E = eye.expand(ctx.N, ctx.T, ctx.T)
     for a in p.maps["encoder_self"]:
         a = a.mean(1) + eye
@@ -231,7 +246,7 @@ def _aggregate(a, g):
 
 def _norm_rows(R):
     """(R - I) / rowsum(R - I) + I, rows whose sum is 0 staying I."""
-    eye = torch.eye(R.shape[-1], device=R.device)
+    eye = torch.eye(R.shape[-1], device=R.device, dtype=R.dtype)
     D = R - eye
     s = D.sum(-1, keepdim=True)
     return torch.where(s == 0, torch.zeros_like(D), D / torch.where(s == 0, torch.ones_like(s), s)) + eye
@@ -240,12 +255,12 @@ def _norm_rows(R):
 def _propagate(ctx, A, transpose):
     """Chefer et al. (ICCV 2021) encoder-decoder propagation of the aggregated maps A[group][layer] (N, q, k).
     Returns R_de rows (N, T) and R_dd rows (N, n)."""
-    dev = ctx.src.device
-    R_ee = torch.eye(ctx.T, device=dev).repeat(ctx.N, 1, 1)
+    like = dict(device=ctx.src.device, dtype=A["decoder_cross"][0].dtype)
+    R_ee = torch.eye(ctx.T, **like).repeat(ctx.N, 1, 1)
     for a in A["encoder_self"]:
         R_ee = R_ee + a @ R_ee
-    R_dd = torch.eye(ctx.n, device=dev).repeat(ctx.N, 1, 1)
-    R_de = torch.zeros(ctx.N, ctx.n, ctx.T, device=dev)
+    R_dd = torch.eye(ctx.n, **like).repeat(ctx.N, 1, 1)
+    R_de = torch.zeros(ctx.N, ctx.n, ctx.T, **like)
     for s, c in zip(A["decoder_self"], A["decoder_cross"]):
         R_dd = R_dd + s @ R_dd
         R_de = R_de + s @ R_de
@@ -288,20 +303,18 @@ class _Relprop:
     gives each operand half of the G-rule u * dZ/du . (R / Z); a residual add splits by contribution, then
     rescales the two branches to |sum R_a| / (|sum R_a| + |sum R_b|) of the total; a tensor used twice
     receives the sum. Divisions are stabilised: a / (b + eps sign(b)), 0 where b = 0.
-    `trace`, when a list, receives (rule, relevance in, relevance out) per copy for conservation checks."""
+    `trace`, when a list, receives (rule, relevance in, relevance out) per copy for conservation checks.
+
+    Activations are recorded once per sample; relevance is per copy (one per explained token). The rules'
+    denominators depend on the activations only, so they are computed per sample and handed to the copies."""
 
     def __init__(self, ctx, p, trace=None):
         self.ctx, self.tape, self.copy, self.eps, self.trace = ctx, p.tape, p.copy, ctx.opts["eps"], trace
         self.at_attention = {}          # attention module -> (N, h, q, k) relevance at its map
-        self._copies = {}
 
     def get(self, module):
-        """The module's recorded (inputs, output), one copy per explained token."""
-        if module not in self._copies:
-            args, out = self.tape[module]
-            self._copies[module] = (tuple(self.copy(a) if torch.is_tensor(a) else a for a in args),
-                                    self.copy(out) if torch.is_tensor(out) else out)
-        return self._copies[module]
+        """The module's recorded (inputs, output), per sample."""
+        return self.tape[module]
 
     def _div(self, a, b):
         safe = torch.where(b == 0, torch.ones_like(b), b + self.eps * torch.sign(b))
@@ -316,19 +329,21 @@ class _Relprop:
         x = self.get(module)[0][0]
         w = module.weight
         xp, xn, wp, wn = x.clamp(min=0), x.clamp(max=0), w.clamp(min=0), w.clamp(max=0)
-        S = self._div(R, F.linear(xp, wp) + F.linear(xn, wn))
-        out = xp * (S @ wp) + xn * (S @ wn)
+        S = self._div(R, self.copy(F.linear(xp, wp) + F.linear(xn, wn)))
+        out = self.copy(xp) * (S @ wp) + self.copy(xn) * (S @ wn)
         self._log("linear", R, out)
         return out
 
     def matmul(self, a, b, R):
-        S = self._div(R, a @ b)
+        S = self._div(R, self.copy(a @ b))
+        a, b = self.copy(a), self.copy(b)
         ra, rb = a * (S @ b.transpose(-2, -1)) / 2, b * (a.transpose(-2, -1) @ S) / 2
         self._log("matmul", R, ra, rb)
         return ra, rb
 
     def add(self, a, b, R):
-        S = self._div(R, a + b)
+        S = self._div(R, self.copy(a + b))
+        a, b = self.copy(a), self.copy(b)
         ra, rb = a * S, b * S
         dims = tuple(range(1, R.dim()))
         sa, sb, total = (r.sum(dims, keepdim=True) for r in (ra, rb, R))
@@ -348,14 +363,14 @@ class _Relprop:
     def attention(self, module, R):
         """Returns relevance at the query input and at the key/value input."""
         (x, memory, _), _ = self.get(module)
-        N, Tq, C = x.shape
+        _, Tq, C = x.shape
         h, Tk = module.heads, memory.shape[1]
-        heads = lambda t, L: t.view(N, L, h, C // h).transpose(1, 2)                  # (N, h, L, hs)
-        merge = lambda t: t.transpose(1, 2).reshape(N, -1, C)
+        heads = lambda t, L: t.view(len(t), L, h, C // h).transpose(1, 2)              # (., h, L, hs)
+        merge = lambda t: t.transpose(1, 2).reshape(len(t), -1, C)
         R_y = heads(self.linear(module.proj, R), Tq)
         q = heads(self.get(module.query)[1], Tq) / math.sqrt(C // h)
         k, v = heads(self.get(module.key)[1], Tk), heads(self.get(module.value)[1], Tk)
-        R_att, R_v = self.matmul(self.copy(module.attention), v, R_y)
+        R_att, R_v = self.matmul(module.attention, v, R_y)
         self.at_attention[module] = R_att
         R_q, R_kt = self.matmul(q, k.transpose(-2, -1), R_att)          # the softmax passes relevance on
         R_x = self.linear(module.query, merge(R_q))
@@ -402,7 +417,7 @@ class _Relprop:
         """Relevance of the input features (N, T, F) and of the decoder input tokens (N, n)."""
         ctx, model = self.ctx, self.ctx.model
         logits = self.get(model.head)[1]
-        R = torch.zeros_like(logits)
+        R = logits.new_zeros(ctx.N, *logits.shape[1:])
         R[ctx.rows, ctx.ct, ctx.target] = 1.0
         R = self.linear(model.head, R)
         R_memory = 0

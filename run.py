@@ -551,6 +551,8 @@ def bench(args):
     log(f"{run_dir}: {count} {args.split} samples, batches of {args.batch_size}, device {device}")
     log(f"{'method':>24}  {'batched s/sample':>16}  {'loop s/sample':>13}  {'speed-up':>8}  {'max |diff|':>10}")
     for method in methods:
+        src, mask, out = inputs[0]
+        explain.explain(model, src[:2], mask[:2], out[:2], method)                 # warm-up
         tic = time.time()
         fast = [explain.explain(model, src, mask, out, method) for src, mask, out in inputs]
         batched = (time.time() - tic) / count
