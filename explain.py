@@ -13,7 +13,6 @@ maps names to functions, each a few lines over two shared pieces written once:
 - `_Relprop`: LRP (Chefer et al., CVPR 2021 rules) walked backwards through the same model class that
   trains, from activations recorded by forward hooks.
 """
-import copy
 import math
 
 import numpy as np
@@ -61,7 +60,9 @@ def explain(model, src, src_mask, out_tokens, method="generic", return_tokens=Fa
     tgt_in = torch.cat([torch.full_like(out_tokens[:, :1], model.bos_id), out_tokens[:, :-1]], 1)
     b_idx, t_idx = rows.nonzero(as_tuple=True)                       # ordered by sample, then token
     if method in FLOAT64 and src.dtype != torch.float64:
-        model, src = copy.deepcopy(model).double(), src.double()
+        twin = type(model)(model.cfg).to(src.device)
+        twin.load_state_dict(model.state_dict())
+        model, src = twin.double(), src.double()
     keep = [m.keep for group in model.attention_modules().values() for m in group]
     training = model.training
     model.eval()
