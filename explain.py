@@ -515,3 +515,81 @@ _FUNCTIONS = dict(attention=attention, rollout=rollout, gradcam=gradcam, salienc
                   input_x_gradient=input_x_gradient, integrated_gradients=integrated_gradients, lrp=lrp,
                   partial_lrp=partial_lrp, transformer_attribution=transformer_attribution, generic=generic,
                   dsmi=dsmi, dsmi_grad=dsmi_grad, dsmi_grad_attn=dsmi_grad_attn)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention analyses (the numbers behind the global figures)
+# ----------------------------------------------------------------------------------------------------
+
+def centroids(cross):
+    """Where each token's attention sits: sum_tau A[t, tau] * tau / (T - 1), in [0, 1]. cross (n, T)."""
+    T = cross.shape[-1]
+    position = torch.arange(T, dtype=cross.dtype) / max(T - 1, 1)
+    return (cross * position).sum(-1) / cross.sum(-1).clamp(min=1e-12)
+
+
+def spearman(x, y):
+    """Spearman rank correlation of two 1-D tensors (average ranks for ties); NaN when either is constant."""
+    def ranks(v):
+        order = v.argsort()
+        r = torch.empty_like(v, dtype=torch.float64)
+        r[order] = torch.arange(len(v), dtype=torch.float64)
+        for value in v.unique():                   # ties share their average rank
+            tie = v == value
+            r[tie] = r[tie].mean()
+        return r
+    rx, ry = ranks(x), ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denominator = (rx.norm() * ry.norm()).item()
+    return float((rx @ ry) / denominator) if denominator > 0 else float("nan")
+
+
+def diagonality(cross):
+    """Rank correlation between a token's position and the centroid of its cross-attention: 1 for attention
+    that walks monotonically through the video. cross (n, T) for n >= 2 tokens."""
+    return spearman(torch.arange(cross.shape[0], dtype=torch.float64), centroids(cross.double()))
+
+
+def relative_profile(cross, bins=20):
+    """Attention mass of each token per bin of relative video position: (n, T) -> (n, bins)."""
+    T = cross.shape[-1]
+    which = torch.clamp((torch.arange(T) * bins) // T, max=bins - 1)
+    return torch.zeros(cross.shape[0], bins, dtype=cross.dtype).index_add_(1, which, cross)
+
+
+def offset_profile(att, max_offset):
+    """Mean attention of a query frame to the key at offset d = key - query, for d in -max..max: (T, T) ->
+    (2 max + 1,), NaN where no query has that offset."""
+    T = att.shape[-1]
+    d = torch.arange(T)[None, :] - torch.arange(T)[:, None]
+    out = torch.full((2 * max_offset + 1,), float("nan"), dtype=torch.float64)
+    for k in range(-max_offset, max_offset + 1):
+        sel = d == k
+        if sel.any():
+            out[k + max_offset] = att.double()[sel].mean()
+    return out
+
+
+def entropy(att):
+    """Normalised entropy of each head's attention rows, averaged over rows: (h, q, k) -> (h,), in [0, 1]
+    (1 = uniform over the k keys, 0 = one key)."""
+    k = att.shape[-1]
+    if k < 2:
+        return torch.zeros(att.shape[0], dtype=torch.float64)
+    p = att.double().clamp(min=0)
+    h = -(p * p.clamp(min=1e-30).log()).sum(-1) / math.log(k)
+    return h.mean(-1)
+
+
+def pointing_game(relevance, segments):
+    """For (token row, start, end) segments in model frames: does the row's argmax fall in [start, end)?"""
+    return [start <= int(relevance[t].argmax()) < end for t, start, end in segments]
+
+
+def segment_mass(relevance, segments):
+    """Share of the row's positive relevance inside its segment, for (token row, start, end) segments."""
+    out = []
+    for t, start, end in segments:
+        positive = relevance[t].clamp(min=0)
+        out.append(float(positive[start:end].sum() / positive.sum()) if positive.sum() > 0 else 0.0)
+    return out

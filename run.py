@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -359,15 +360,21 @@ def frame_labels(memory, gloss_logits, mask, record, dataset, alignments):
     return [memory[c] for c, _ in kept], [dataset.gloss_vocab.stoi.get(g, 1) for _, g in kept]
 
 
+def sdr_segments(data_path, data_cfg, train_cfg):
+    """Gloss segments for SDR: alignments.csv where it exists, else {} (a CTC Viterbi path) when the gloss
+    head was trained, else None (no SDR)."""
+    alignments = sa.read_alignments(data_path) if data_cfg.format == "gsl" else {}
+    return alignments if alignments else ({} if train_cfg.ctc_weight > 0 else None)
+
+
 def report(run_dir, datasets, train_cfg, device, log, data_path, splits=("val", "test")):
     """Evaluate the best checkpoint, print the table, write translations.csv and results.json."""
     model, _, _ = sa.load_model(run_dir, device)
-    alignments = sa.read_alignments(data_path) if model.data_config.format == "gsl" else {}
-    use_alignments = alignments if alignments else ({} if train_cfg.ctc_weight > 0 else None)
+    segments = sdr_segments(data_path, model.data_config, train_cfg)
     results = {}
     for split in splits:
         start = time.time()
-        out = evaluate(model, datasets[split], train_cfg, device, alignments=use_alignments)
+        out = evaluate(model, datasets[split], train_cfg, device, alignments=segments)
         results[split] = dict(out["metrics"], seconds=time.time() - start, samples=len(datasets[split]))
         if split == "test" or len(splits) == 1:
             write_translations(os.path.join(run_dir, "translations.csv" if split == "test"
@@ -407,26 +414,14 @@ def results_table(results, target, beam):
 
 def eval_mode(args):
     log = lambda msg: print(msg, flush=True)
-    device = device_of(args.device)
-    run_dir = args.run or latest_run()
-    state = sa.load_checkpoint(os.path.join(run_dir, f"{args.checkpoint}.pt"), device)
-    config = state["config"]
-    data_path = args.data or config["data_path"]
-    data_cfg = sa.DataConfig(**config["data"])
-    records = read_data(data_path, data_cfg, (args.split,), args.skip_bad, log)
-    model = sa.model_from_checkpoint(state, device)
-    gloss_vocab = sa.Vocabulary.from_list(state["gloss_vocab"])
-    text_vocab = sa.Vocabulary.from_list(state["text_vocab"])
-    datasets = {args.split: sa.SignDataset(records[args.split], data_cfg, gloss_vocab, text_vocab)}
-    train_cfg = TrainConfig(**config["train"])
+    run_dir, model, dataset, train_cfg, state, device = open_run(args, log, args.checkpoint)
     if args.beam is not None:
         train_cfg.beam = args.beam
-    alignments = sa.read_alignments(data_path) if data_cfg.format == "gsl" else {}
-    use_alignments = alignments if alignments else ({} if train_cfg.ctc_weight > 0 else None)
-    out = evaluate(model, datasets[args.split], train_cfg, device, alignments=use_alignments)
-    out["metrics"]["samples"] = len(records[args.split])
+    data_path = args.data or state["config"]["data_path"]
+    out = evaluate(model, dataset, train_cfg, device, alignments=sdr_segments(data_path, dataset.cfg, train_cfg))
+    out["metrics"]["samples"] = len(dataset)
     log(f"{run_dir} ({args.checkpoint} checkpoint, epoch {state['epoch']}) on {data_path} {args.split}:")
-    log(results_table({args.split: out["metrics"]}, data_cfg.target, train_cfg.beam))
+    log(results_table({args.split: out["metrics"]}, dataset.cfg.target, train_cfg.beam))
 
 
 def latest_run(root="runs"):
@@ -441,11 +436,11 @@ def latest_run(root="runs"):
 # Explanations
 # ----------------------------------------------------------------------------------------------------
 
-def open_run(args, log):
-    """The run's best model, its configuration and the requested split as a dataset."""
+def open_run(args, log, checkpoint="best"):
+    """A run's model (best checkpoint by default), its configuration and the requested split as a dataset."""
     device = device_of(args.device)
     run_dir = args.run or latest_run()
-    state = sa.load_checkpoint(os.path.join(run_dir, "best.pt"), device)
+    state = sa.load_checkpoint(os.path.join(run_dir, f"{checkpoint}.pt"), device)
     config = state["config"]
     data_path = args.data or config["data_path"]
     ensure_data(data_path, log)
@@ -574,6 +569,419 @@ def bench(args):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Figures
+# ----------------------------------------------------------------------------------------------------
+
+HAND_EDGES = [(0, 1), (1, 2), (2, 3), (3, 4), (0, 5), (5, 6), (6, 7), (7, 8), (5, 9), (9, 10), (10, 11), (11, 12),
+              (9, 13), (13, 14), (14, 15), (15, 16), (13, 17), (17, 18), (18, 19), (19, 20), (0, 17)]
+BODY_EDGES = [(11, 12), (11, 13), (13, 15), (12, 14), (14, 16), (11, 23), (12, 24), (23, 24), (9, 10), (7, 8)]
+
+
+def load_extract(args, log):
+    """The run's extraction of the split, made first if it is missing."""
+    run_dir = args.run or latest_run()
+    path = os.path.join(run_dir, f"extract_{args.split}.pt")
+    if not os.path.exists(path):
+        log(f"{path} is missing: extracting it first")
+        extract(argparse.Namespace(**{**vars(args), "run": run_dir, "methods": "all", "batch_size": 16,
+                                      "limit": None, "beam": None}))
+    data = torch.load(path, weights_only=True)
+    with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+        data_path = args.data or json.load(f)["data_path"]
+    return run_dir, data, data_path
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    plt.rcParams.update({"font.family": "DejaVu Sans", "figure.dpi": 110})   # DejaVu Sans has Greek glyphs
+    return plt
+
+
+def model_segments(segments, k):
+    """Original-frame segments [start, end) -> model frames (frame t is original frame t * k)."""
+    return [(p, g, -(-a // k), -(-b // k)) for p, g, a, b in segments]
+
+
+def token_ticks(ax, tokens, axis="y"):
+    size = 9 if len(tokens) <= 12 else 7
+    ticks = range(len(tokens))
+    if axis == "y":
+        ax.set_yticks(ticks, tokens, fontsize=size)
+    else:
+        ax.set_xticks(ticks, tokens, fontsize=size, rotation=90)
+
+
+def percent_axis(ax, T, label="video position (% of frames)"):
+    ax.set_xlabel(label)
+    ax.set_xlim(0, 100)
+
+
+def wrap(text, width=110):
+    import textwrap
+    return "\n".join(textwrap.wrap(text, width)) or "(empty)"
+
+
+def plot_sample(run_dir, data, data_path, index, fmt, animate, log):
+    plt = pyplot()
+    meta = data["meta"]
+    if not 0 <= index < len(data["samples"]):
+        raise sa.DataError(f"--sample {index}: the {meta['split']} extraction holds samples 0..{len(data['samples']) - 1}")
+    s = data["samples"][index]
+    k = meta["data_config"]["subsample"]
+    tokens, T, n = s["tokens"], s["frames"], len(s["tokens"])
+    reference = " ".join(s[f"{meta['target']}_reference"])
+    header = (f"{s['id']} ({meta['split']} sample {index})\nprediction: {wrap(' '.join(s['prediction']))}\n"
+              f"reference:  {wrap(reference)}")
+    stem = os.path.join(run_dir, f"sample{index}_")
+    written = []
+    extent = [0, 100, n - 0.5, -0.5]
+    alignments = sa.read_alignments(data_path).get(s["id"], []) if meta["data_config"]["format"] == "gsl" else []
+
+    def save(fig, name):
+        path = f"{stem}{name}.{fmt}"
+        fig.savefig(path, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+
+    def image(ax, values, title, signed=False, label="attention weight"):
+        values = values.float().numpy()
+        if signed:
+            m = max(abs(values.min()), abs(values.max()), 1e-12)
+            im = ax.imshow(values, aspect="auto", cmap="RdBu_r", vmin=-m, vmax=m, extent=extent, interpolation="nearest")
+        else:
+            im = ax.imshow(values, aspect="auto", cmap="viridis", extent=extent, interpolation="nearest")
+        ax.set_title(title, fontsize=10)
+        plt.colorbar(im, ax=ax, label=label, fraction=0.046, pad=0.02)
+        return im
+
+    row_height = 0.26 * n + 1.2
+    # skeleton at key frames
+    pose_path = sa._safe_pose_path(data_path, s["id"]) if meta["data_config"]["format"] == "gsl" else None
+    if pose_path and os.path.exists(pose_path):
+        pose = np.load(pose_path)[:, 0, :, :2]
+        key = [(a + b) // 2 for _, _, a, b in sorted(alignments)][:8] or \
+            np.linspace(0, len(pose) - 1, 6).round().astype(int).tolist()
+        names = {(a + b) // 2: g for _, g, a, b in alignments}
+        fig, axes = plt.subplots(1, len(key), figsize=(2.3 * len(key), 3.4), squeeze=False, layout="constrained")
+        shown = pose[key][:, sa.BODY[:25] + sa.LEFT_HAND + sa.RIGHT_HAND]
+        lo, hi = np.nanmin(shown, (0, 1)), np.nanmax(shown, (0, 1))
+        for ax, f in zip(axes[0], key):
+            draw_skeleton(ax, pose[f])
+            ax.set_xlim(lo[0] - 0.05, hi[0] + 0.05)
+            ax.set_ylim(hi[1] + 0.05, lo[1] - 0.05)
+            ax.set_title(f"frame {f}" + (f"\n{names[f]}" if f in names else ""), fontsize=9)
+            ax.set_aspect("equal")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.suptitle(f"{s['id']}: key frames (x, y image coordinates; red = right hand, blue = left)", fontsize=10)
+        save(fig, "skeleton")
+    else:
+        log("no pose file for this sample: skeleton figures skipped")
+    # decoder cross-attention per layer
+    cross = s["attention"]["decoder_cross"].float().mean(1)                   # (L, n, T)
+    fig, axes = plt.subplots(len(cross), 1, figsize=(10, row_height * len(cross) + 1.2), squeeze=False, layout="constrained")
+    for l, ax in enumerate(axes[:, 0]):
+        image(ax, cross[l], f"decoder cross-attention, layer {l + 1} (mean over heads)")
+        token_ticks(ax, tokens)
+        ax.set_ylabel("predicted token")
+        percent_axis(ax, T)
+    fig.suptitle(header, fontsize=9, x=0.02, ha="left")
+    save(fig, "cross_attention")
+    # encoder and decoder self-attention per layer
+    enc = s["attention"]["encoder_self"].float().mean(1)
+    fig, axes = plt.subplots(1, len(enc), figsize=(4.6 * len(enc), 4.2), squeeze=False, layout="constrained")
+    for l, ax in enumerate(axes[0]):
+        im = ax.imshow(enc[l].numpy(), cmap="viridis", extent=[0, 100, 100, 0], interpolation="nearest")
+        plt.colorbar(im, ax=ax, label="attention weight", fraction=0.046, pad=0.02)
+        ax.set_title(f"encoder self-attention, layer {l + 1}", fontsize=10)
+        ax.set_xlabel("key frame (% of video)")
+        ax.set_ylabel("query frame (% of video)")
+    fig.suptitle(f"{s['id']}: {T} model frames (one in {k}), mean over heads", fontsize=10)
+    save(fig, "encoder_attention")
+    dec = s["attention"]["decoder_self"].float().mean(1)
+    inputs = ["<bos>"] + tokens[:-1]
+    fig, axes = plt.subplots(1, len(dec), figsize=(0.3 * n * len(dec) + 3.5 * len(dec), 0.3 * n + 2.5), squeeze=False, layout="constrained")
+    for l, ax in enumerate(axes[0]):
+        im = ax.imshow(dec[l].numpy(), cmap="viridis", interpolation="nearest")
+        plt.colorbar(im, ax=ax, label="attention weight", fraction=0.046, pad=0.02)
+        token_ticks(ax, tokens)
+        token_ticks(ax, inputs, axis="x")
+        ax.set_title(f"decoder self-attention, layer {l + 1}", fontsize=10)
+        ax.set_xlabel("decoder input (previous token)")
+        ax.set_ylabel("predicted token")
+    save(fig, "decoder_attention")
+    # one panel per explanation method
+    methods = list(s["relevance"])
+    cols = 4
+    rows = -(-len(methods) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.8 * cols, row_height * rows + 1.5), squeeze=False, layout="constrained")
+    for ax, method in zip(axes.flat, methods):
+        image(ax, s["relevance"][method], method, signed=method in explain.SIGNED, label="relevance")
+        token_ticks(ax, tokens)
+        percent_axis(ax, T)
+    for ax in list(axes.flat)[len(methods):]:
+        ax.axis("off")
+    fig.suptitle(header + "\nrelevance of each frame for each predicted token (signed methods: red > 0 > blue)",
+                 fontsize=9, x=0.02, ha="left")
+    save(fig, "relevance")
+    # CTC gloss posteriors and the true gloss segments
+    post = s["gloss_posteriors"].float()
+    vocab = meta["gloss_vocab"]
+    shown = sorted({vocab.index(g) for g in s["gloss_reference"] + s["gloss_prediction"] if g in vocab})
+    fig, ax = plt.subplots(figsize=(11, 3.6), layout="constrained")
+    frames = np.arange(T) * k
+    ax.plot(frames, post[:, 0].numpy(), color="0.6", linestyle="--", label="blank")
+    for i in shown:
+        ax.plot(frames, post[:, i].numpy(), label=vocab[i])
+    for j, (_, g, a, b) in enumerate(sorted(alignments)):
+        ax.axvspan(a, b, color=("0.85" if j % 2 else "0.93"), zorder=0)
+        ax.text((a + b) / 2, 1.02, g, ha="center", va="bottom", fontsize=7, rotation=90 if len(alignments) > 6 else 0,
+                transform=ax.get_xaxis_transform())
+    ax.set_xlabel("frame (original frame rate)")
+    ax.set_ylabel("CTC posterior")
+    ax.set_ylim(0, 1)
+    ax.set_xlim(0, max(frames[-1], 1))
+    ax.legend(fontsize=7, ncol=1, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.set_title(f"{s['id']}: CTC gloss posteriors" + (" over the true gloss segments (grey)" if alignments else ""),
+                 fontsize=10, pad=40 if alignments else 6)
+    save(fig, "gloss_posteriors")
+    # reliance on the video versus the previous tokens
+    video, prev = s["branch_norms"]["video"].float(), s["branch_norms"]["tokens"].float()
+    fig, axes = plt.subplots(1, 2, figsize=(max(9, 0.45 * n + 6), 3.8), layout="constrained")
+    for l in range(len(video)):
+        axes[0].plot(range(n), video[l].numpy(), marker="o", label=f"video (cross-attention), layer {l + 1}")
+        axes[0].plot(range(n), prev[l].numpy(), marker="s", linestyle="--", label=f"previous tokens (self-attention), layer {l + 1}")
+        axes[1].plot(range(n), (video[l] / (video[l] + prev[l]).clamp(min=1e-12)).numpy(), marker="o", label=f"layer {l + 1}")
+    axes[0].set_ylabel("L2 norm of the attention output")
+    axes[1].set_ylabel("video share = video / (video + tokens)")
+    axes[1].set_ylim(0, 1)
+    for ax in axes:
+        token_ticks(ax, tokens, axis="x")
+        ax.set_xlabel("decoding step (predicted token)")
+        ax.legend(fontsize=7)
+    axes[0].set_title("what each decoding step draws on", fontsize=10)
+    axes[1].set_title("reliance on the video", fontsize=10)
+    save(fig, "reliance")
+    if animate and pose_path and os.path.exists(pose_path):
+        written.append(animate_sample(plt, s, pose, cross[-1], k, f"{stem}animation.gif"))
+    return written
+
+
+def draw_skeleton(ax, frame, alpha=1.0):
+    """One frame of MediaPipe keypoints (543, 2): body lines, hands, and the face as a faint cloud."""
+    ax.scatter(frame[sa.FACE, 0], frame[sa.FACE, 1], s=0.3, color="0.7", alpha=alpha)
+    for a, b in BODY_EDGES:
+        ax.plot(frame[[a, b], 0], frame[[a, b], 1], color="0.2", linewidth=1.2, alpha=alpha)
+    for ids, color in ((sa.RIGHT_HAND, "tab:red"), (sa.LEFT_HAND, "tab:blue")):
+        hand = frame[ids]
+        for a, b in HAND_EDGES:
+            ax.plot(hand[[a, b], 0], hand[[a, b], 1], color=color, linewidth=0.8, alpha=alpha)
+
+
+def animate_sample(plt, s, pose, cross, k, path):
+    """A GIF: the skeleton at each model frame, and one bar per predicted token with its cross-attention
+    (last layer, mean over heads) at that frame."""
+    from matplotlib.animation import FuncAnimation, PillowWriter
+    tokens, T = s["tokens"], s["frames"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4.2), gridspec_kw=dict(width_ratios=[1, 1.3]), layout="constrained")
+    pts = pose[:, sa.BODY[:25] + sa.LEFT_HAND + sa.RIGHT_HAND]
+    lo, hi = np.nanmin(pts, (0, 1)), np.nanmax(pts, (0, 1))
+    top = float(cross.max())
+
+    def draw(t):
+        left.clear()
+        right.clear()
+        draw_skeleton(left, pose[min(t * k, len(pose) - 1)])
+        left.set_xlim(lo[0] - 0.05, hi[0] + 0.05)
+        left.set_ylim(hi[1] + 0.05, lo[1] - 0.05)
+        left.set_aspect("equal")
+        left.set_xticks([])
+        left.set_yticks([])
+        left.set_title(f"frame {t * k}", fontsize=9)
+        right.barh(range(len(tokens)), cross[:, t].numpy(), color="tab:purple")
+        right.set_yticks(range(len(tokens)), tokens, fontsize=8)
+        right.invert_yaxis()
+        right.set_xlim(0, top)
+        right.set_xlabel("cross-attention to this frame (last layer)")
+        right.set_title(s["id"], fontsize=9)
+
+    animation = FuncAnimation(fig, draw, frames=T)
+    animation.save(path, writer=PillowWriter(fps=10))
+    plt.close(fig)
+    return path
+
+
+def global_numbers(data, data_path, correct_only):
+    """The numbers behind the global figures, over the samples whose prediction equals the reference
+    (correct_only) or over all samples."""
+    meta = data["meta"]
+    k = meta["data_config"]["subsample"]
+    target = meta["target"]
+    samples = [s for s in data["samples"] if not correct_only or s["prediction"] == s[f"{target}_reference"]]
+    alignments = sa.read_alignments(data_path) if meta["data_config"]["format"] == "gsl" else {}
+    links = None
+    if alignments and target == "text":
+        links = sa.gloss_links([(g, t) for _, split, g, t in sa.read_annotations(data_path) if split == "train"])
+    layers = len(samples[0]["attention"]["decoder_cross"]) if samples else 0
+    bins = 20
+    out = dict(count=len(samples), profiles={}, diagonality=[[] for _ in range(layers)], reliance={},
+               offsets=[], entropy={}, pointing={}, mass={})
+    for s in samples:
+        cross = s["attention"]["decoder_cross"].float().mean(1)             # (L, n, T)
+        words = len(s["tokens"]) - (s["tokens"][-1] == sa.EOS)                # tokens before EOS
+        length = min(words, 5)
+        if words >= 1:
+            profile = explain.relative_profile(cross[-1, :words], bins)
+            out["profiles"].setdefault(length, []).append(profile if length < 5 else profile[:5])
+        for l in range(layers):
+            if words >= 2:
+                out["diagonality"][l].append(explain.diagonality(cross[l, :words]))
+        video, prev = s["branch_norms"]["video"].float(), s["branch_norms"]["tokens"].float()
+        share = (video / (video + prev).clamp(min=1e-12)).mean(0)
+        out["reliance"].setdefault(length, []).append(share)
+        enc = s["attention"]["encoder_self"].float().mean(1)
+        out["offsets"].append(torch.stack([explain.offset_profile(a, 10) for a in enc]))
+        for group, maps in s["attention"].items():
+            out["entropy"].setdefault(group, []).append(torch.stack([explain.entropy(a.float()) for a in maps]))
+        segments = token_segments(s, alignments.get(s["id"], []), k, target, links)
+        for method, rel in s["relevance"].items():
+            if segments:
+                out["pointing"].setdefault(method, []).extend(explain.pointing_game(rel, segments))
+                out["mass"].setdefault(method, []).extend(explain.segment_mass(rel, segments))
+    return out
+
+
+def token_segments(sample, alignments, k, target, links):
+    """(token row, start, end) in model frames for predicted tokens that realise a gloss with a known segment:
+    glosses by position where the decoder writes the reference glosses; text words through `links` where
+    the linked gloss occurs once in the sentence."""
+    segments = model_segments(alignments, k)
+    if target == "gloss":
+        by_position = {p: (a, b) for p, g, a, b in segments}
+        return [(t, *by_position[t]) for t, g in enumerate(sample["tokens"])
+                if t in by_position and sample["gloss_reference"][t] == g]
+    if not links:
+        return []
+    once = {g: (a, b) for p, g, a, b in segments if sample["gloss_reference"].count(g) == 1}
+    return [(t, *once[links[w]]) for t, w in enumerate(sample["tokens"]) if links.get(w) in once]
+
+
+def plot_all(run_dir, data, data_path, fmt, log):
+    plt = pyplot()
+    written = []
+    meta = data["meta"]
+    for correct_only in (True, False):
+        view = "correct" if correct_only else "all"
+        g = global_numbers(data, data_path, correct_only)
+        label = (f"{g['count']} {meta['split']} samples whose prediction equals the reference" if correct_only
+                 else f"all {g['count']} {meta['split']} samples")
+        if not g["count"]:
+            log(f"no {meta['split']} sample in the '{view}' view: its figures are skipped")
+            continue
+
+        def save(fig, name):
+            path = os.path.join(run_dir, f"all_{view}_{name}.{fmt}")
+            fig.savefig(path, bbox_inches="tight")
+            plt.close(fig)
+            written.append(path)
+
+        lengths = sorted(g["profiles"])
+        fig, axes = plt.subplots(1, len(lengths), figsize=(3.4 * len(lengths), 3.6), squeeze=False, layout="constrained")
+        for ax, L in zip(axes[0], lengths):
+            mean = torch.stack(g["profiles"][L]).mean(0).numpy()
+            im = ax.imshow(mean, aspect="auto", cmap="viridis", extent=[0, 100, len(mean) - 0.5, -0.5])
+            plt.colorbar(im, ax=ax, label="attention mass", fraction=0.046, pad=0.02)
+            ax.set_yticks(range(len(mean)), [str(i + 1) for i in range(len(mean))])
+            ax.set_xlabel("video position (% of frames)")
+            ax.set_ylabel("token position")
+            ax.set_title(f"{L}{'+' if L == 5 else ''} token{'s' if L > 1 else ''} ({len(g['profiles'][L])} samples)",
+                         fontsize=10)
+        fig.suptitle(f"Decoder cross-attention (last layer) by relative video position: {label}", fontsize=10)
+        save(fig, "cross_attention_by_length")
+        scores = [float(np.nanmean(d)) if d else float("nan") for d in g["diagonality"]]
+        fig, ax = plt.subplots(figsize=(4 + 0.6 * len(scores), 3.4), layout="constrained")
+        ax.bar([f"layer {l + 1}" for l in range(len(scores))], scores, color="tab:green")
+        for l, v in enumerate(scores):
+            ax.text(l, v, f"{v:.2f}", ha="center", va="bottom")
+        ax.set_ylim(-1, 1.1)
+        ax.axhline(0, color="0.5", linewidth=0.8)
+        ax.set_ylabel("diagonality (Spearman, token position\nvs cross-attention centroid)")
+        ax.set_title(f"Diagonality of the cross-attention: {label}", fontsize=9)
+        save(fig, "diagonality")
+        log(f"diagonality ({view}): " + ", ".join(f"layer {l + 1} {v:.3f}" for l, v in enumerate(scores)))
+        fig, ax = plt.subplots(figsize=(7, 3.8), layout="constrained")
+        for L in sorted(g["reliance"]):
+            rows = g["reliance"][L]
+            width = max(len(r) for r in rows)
+            padded = torch.full((len(rows), width), float("nan"))
+            for i, r in enumerate(rows):
+                padded[i, :len(r)] = r
+            ax.plot(range(1, width + 1), np.nanmean(padded.numpy(), 0), marker="o",
+                    label=f"{L}{'+' if L == 5 else ''} tokens")
+        ax.set_xlabel("decoding step (1 = first token; the last step writes EOS)")
+        ax.set_ylabel("video share of the attention outputs\n(mean over decoder layers)")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=8)
+        ax.set_title(f"Reliance on the video vs the previous tokens: {label}", fontsize=9)
+        save(fig, "reliance")
+        offsets = torch.stack(g["offsets"])                                 # (samples, L, 21)
+        mean = np.nanmean(offsets.numpy(), 0)
+        fig, ax = plt.subplots(figsize=(7, 3.6), layout="constrained")
+        for l, row in enumerate(mean):
+            ax.plot(range(-10, 11), row, marker="o", label=f"layer {l + 1}")
+        ax.set_xlabel(f"key frame - query frame (model frames, one in {meta['data_config']['subsample']})")
+        ax.set_ylabel("mean attention weight")
+        ax.legend(fontsize=8)
+        ax.set_title(f"Encoder self-attention by relative frame offset: {label}", fontsize=9)
+        save(fig, "encoder_offsets")
+        groups = list(g["entropy"])
+        fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.2), squeeze=False, layout="constrained")
+        for ax, group in zip(axes[0], groups):
+            values = torch.stack(g["entropy"][group]).mean(0).numpy()         # (L, h)
+            im = ax.imshow(values, cmap="magma", vmin=0, vmax=1, aspect="auto")
+            plt.colorbar(im, ax=ax, label="normalised entropy", fraction=0.046, pad=0.02)
+            ax.set_xticks(range(values.shape[1]), [str(h + 1) for h in range(values.shape[1])])
+            ax.set_yticks(range(values.shape[0]), [str(l + 1) for l in range(values.shape[0])])
+            ax.set_xlabel("head")
+            ax.set_ylabel("layer")
+            ax.set_title(group.replace("_", " "), fontsize=10)
+        fig.suptitle(f"Attention entropy (0 = one key, 1 = uniform): {label}", fontsize=10)
+        save(fig, "entropy")
+        if g["pointing"]:
+            methods = list(g["pointing"])
+            accuracy = [100 * np.mean(g["pointing"][m]) for m in methods]
+            mass = [100 * np.mean(g["mass"][m]) for m in methods]
+            fig, ax = plt.subplots(figsize=(10, 3.8), layout="constrained")
+            x = np.arange(len(methods))
+            ax.bar(x - 0.2, accuracy, 0.4, label="pointing game (argmax in the segment)")
+            ax.bar(x + 0.2, mass, 0.4, label="positive relevance mass in the segment")
+            ax.set_xticks(x, methods, rotation=45, ha="right")
+            ax.set_ylabel("% of gloss occurrences")
+            ax.set_ylim(0, 100)
+            ax.legend(fontsize=8)
+            ax.set_title(f"Plausibility against the true gloss segments ({len(g['pointing'][methods[0]])} "
+                         f"occurrences): {label}", fontsize=9)
+            save(fig, "pointing_game")
+            log(f"pointing game ({view}): " + ", ".join(f"{m} {a:.1f}%" for m, a in zip(methods, accuracy)))
+    return written
+
+
+def plot(args):
+    log = lambda msg: print(msg, flush=True)
+    start = time.time()
+    run_dir, data, data_path = load_extract(args, log)
+    if args.all:
+        written = plot_all(run_dir, data, data_path, args.format, log)
+    else:
+        written = plot_sample(run_dir, data, data_path, args.sample, args.format, args.animate, log)
+    for path in written:
+        log(path)
+    log(f"{len(written)} figures in {time.time() - start:.1f}s")
+
+
+# ----------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------
 
@@ -620,13 +1028,23 @@ def parser():
         x.add_argument("--limit", type=int, default=20 if name == "bench" else None, help="first K samples only")
         if name == "extract":
             x.add_argument("--beam", type=int, help="beam size of the decoding (default: the run's)")
+    pl = sub.add_parser("plot", help="draw the SignAttention figures from the extraction (made if missing)")
+    pl.add_argument("run", nargs="?", help="run folder (default: the most recent under runs/)")
+    pl.add_argument("--data", help="dataset folder, for the pose files (default: the run's)")
+    pl.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to extract if needed")
+    pl.add_argument("--skip-bad", action="store_true", help="skip bad samples when extracting")
+    pl.add_argument("--split", choices=sa.SPLITS, default="test", help="split whose extraction to draw")
+    pl.add_argument("--sample", type=int, default=0, help="index of the sample in the extraction")
+    pl.add_argument("--all", action="store_true", help="the global analyses over the whole split")
+    pl.add_argument("--animate", action="store_true", help="also a GIF of the skeleton with attention bars")
+    pl.add_argument("--format", dest="format", choices=("png", "pdf", "svg"), default="png", help="figure file type")
     return p
 
 
 def main(argv=None):
     args = parser().parse_args(argv)
     try:
-        {"train": train, "eval": eval_mode, "extract": extract, "bench": bench}[args.mode](args)
+        {"train": train, "eval": eval_mode, "extract": extract, "bench": bench, "plot": plot}[args.mode](args)
     except sa.DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -644,6 +644,31 @@ class Vocabulary:
         return vocab
 
 
+def gloss_links(pairs, threshold=0.6):
+    """Which gloss each text word realises, learnt from (gloss list, text list) pairs: the gloss with the
+    highest Dice coefficient over sentences, kept where it reaches `threshold` (function words find none)."""
+    word_count, gloss_count, both = {}, {}, {}
+    for gloss, text in pairs:
+        for g in set(gloss):
+            gloss_count[g] = gloss_count.get(g, 0) + 1
+        for w in set(text):
+            word_count[w] = word_count.get(w, 0) + 1
+            for g in set(gloss):
+                both[w, g] = both.get((w, g), 0) + 1
+    links = {}
+    for (w, g), n in both.items():
+        dice = 2 * n / (word_count[w] + gloss_count[g])
+        if dice >= threshold and dice > links.get(w, (None, 0))[1]:
+            links[w] = (g, dice)
+    return {w: g for w, (g, _) in links.items()}
+
+
+def read_annotations(folder):
+    """(split, gloss list, text list) of every row of annotations.csv, without reading poses."""
+    rows = _read_csv(os.path.join(folder, "annotations.csv"), ("id", "text", "gloss", "split"))
+    return [(r["id"], r["split"], (r["gloss"] or "").split(), (r["text"] or "").split()) for _, r in rows]
+
+
 def normalise_pose(frames, keypoints):
     """Centre on the mid-shoulder point and scale by the shoulder width (sample means), in place.
 
