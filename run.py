@@ -896,15 +896,15 @@ def plot_all(run_dir, data, data_path, fmt, log):
             ax.set_yticks(range(len(mean)), [str(i + 1) for i in range(len(mean))])
             ax.set_xlabel("video position (% of frames)")
             ax.set_ylabel("token position")
-            ax.set_title(f"{L}{'+' if L == 5 else ''} token{'s' if L > 1 else ''} ({len(g['profiles'][L])} samples)",
-                         fontsize=10)
+            ax.set_title(f"{L}{'+' if L == 5 else ''} token{'s' if L > 1 else ''} ({len(g['profiles'][L])} samples)"
+                         + (", first 5 shown" if L == 5 else ""), fontsize=10)
         fig.suptitle(f"Decoder cross-attention (last layer) by relative video position: {label}", fontsize=10)
         save(fig, "cross_attention_by_length")
         scores = [float(np.nanmean(d)) if d else float("nan") for d in g["diagonality"]]
         fig, ax = plt.subplots(figsize=(4 + 0.6 * len(scores), 3.4), layout="constrained")
         ax.bar([f"layer {l + 1}" for l in range(len(scores))], scores, color="tab:green")
         for l, v in enumerate(scores):
-            ax.text(l, v, f"{v:.2f}", ha="center", va="bottom")
+            ax.text(l, v, f"{v:.2f}", ha="center", va="bottom" if v >= 0 else "top")
         ax.set_ylim(-1, 1.1)
         ax.axhline(0, color="0.5", linewidth=0.8)
         ax.set_ylabel("diagonality (Spearman, token position\nvs cross-attention centroid)")
@@ -919,7 +919,7 @@ def plot_all(run_dir, data, data_path, fmt, log):
             for i, r in enumerate(rows):
                 padded[i, :len(r)] = r
             ax.plot(range(1, width + 1), np.nanmean(padded.numpy(), 0), marker="o",
-                    label=f"{L}{'+' if L == 5 else ''} tokens")
+                    label=f"{L}{'+' if L == 5 else ''} token{'s' if L > 1 else ''}")
         ax.set_xlabel("decoding step (1 = first token; the last step writes EOS)")
         ax.set_ylabel("video share of the attention outputs\n(mean over decoder layers)")
         ax.set_ylim(0, 1)

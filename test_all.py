@@ -883,3 +883,118 @@ def test_bench_reports_the_same_numbers(tiny_run):
         assert float(rows[method][-1]) <= 1e-5 and rows[method][-2].endswith("x")
     bad = run(["bench", "r", "--methods", "gradcam,nope"], str(cwd))
     assert bad.returncode == 2 and "unknown method(s) nope" in bad.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# plot: the numbers behind the global figures, and the figures themselves
+# ----------------------------------------------------------------------------------------------------
+
+def test_diagonality_and_profiles_on_constructed_attention():
+    diagonal = torch.zeros(4, 40)
+    for t in range(4):
+        diagonal[t, 10 * t:10 * t + 10] = 0.1                     # token t attends to its quarter
+    assert ex.diagonality(diagonal) == pytest.approx(1.0)
+    assert ex.diagonality(diagonal.flip(0)) == pytest.approx(-1.0)
+    torch.testing.assert_close(ex.centroids(diagonal), torch.tensor([4.5, 14.5, 24.5, 34.5]) / 39)
+    profile = ex.relative_profile(diagonal, bins=4)
+    torch.testing.assert_close(profile, torch.eye(4))
+    assert ex.spearman(torch.tensor([1.0, 2, 2, 3]), torch.tensor([1.0, 2, 2, 3])) == pytest.approx(1.0)
+    assert np.isnan(ex.spearman(torch.tensor([1.0, 1, 1]), torch.tensor([1.0, 2, 3])))
+    offsets = ex.offset_profile(torch.eye(6), 2)
+    torch.testing.assert_close(offsets, torch.tensor([0.0, 0, 1, 0, 0], dtype=torch.float64))
+    uniform, one_hot = torch.full((2, 3, 8), 1 / 8), torch.eye(8)[None, :3].repeat(2, 1, 1)
+    torch.testing.assert_close(ex.entropy(uniform), torch.ones(2, dtype=torch.float64))
+    torch.testing.assert_close(ex.entropy(one_hot), torch.zeros(2, dtype=torch.float64))
+    relevance = torch.tensor([[0.0, 3, 1, -2], [1, 0, 0, 2]])
+    assert ex.pointing_game(relevance, [(0, 1, 2), (1, 0, 2)]) == [True, False]
+    assert ex.segment_mass(relevance, [(0, 1, 3), (1, 3, 4)]) == pytest.approx([1.0, 2 / 3])
+
+
+def test_word_gloss_links_and_token_segments():
+    import run as cli
+    pronouns, verbs = ["ΕΓΩ(1)", "ΕΣΥ", "ΑΥΤΟΣ"], ["ΧΑΝΩ", "ΒΡΙΣΚΩ", "ΘΕΛΩ"]
+    nouns = {"ΚΛΕΙΔΙ": "κλειδί", "ΔΙΠΛΩΜΑ": "δίπλωμα", "ΦΑΡΜΑΚΟ": "φάρμακο", "ΡΑΝΤΕΒΟΥ": "ραντεβού",
+             "ΤΗΛΕΦΩΝΟ": "τηλέφωνο", "ΠΟΡΤΟΦΟΛΙ": "πορτοφόλι"}
+    pairs = [([pronouns[i % 3], noun, verbs[(i // 4) % 3]], [f"v{i % 3}{(i // 4) % 3}", "το", word])
+             for i, (noun, word) in enumerate(list(nouns.items()) * 2)]
+    links = sa.gloss_links(pairs)
+    assert all(links[word] == noun for noun, word in nouns.items())
+    assert "το" not in links                      # with every pronoun and verb alike: Dice 0.5
+    alignments = [(0, "ΕΓΩ(1)", 4, 20), (1, "ΚΛΕΙΔΙ", 24, 40), (2, "ΧΑΝΩ", 43, 60)]
+    sample = dict(tokens=["έχασα", "το", "κλειδί", sa.EOS], gloss_reference=["ΕΓΩ(1)", "ΚΛΕΙΔΙ", "ΧΑΝΩ"])
+    # subsample 2: original [24, 40) holds model frames 12..19, [43, 60) frames 22..29
+    links = {"έχασα": "ΧΑΝΩ", "κλειδί": "ΚΛΕΙΔΙ"}
+    assert cli.token_segments(sample, alignments, 2, "text", links) == [(0, 22, 30), (2, 12, 20)]
+    glosses = dict(tokens=["ΕΓΩ(1)", "ΚΛΕΙΔΙ", "ΒΡΙΣΚΩ", sa.EOS], gloss_reference=["ΕΓΩ(1)", "ΚΛΕΙΔΙ", "ΧΑΝΩ"])
+    assert cli.token_segments(glosses, alignments, 2, "gloss", None) == [(0, 2, 10), (1, 12, 20)]
+
+
+def no_overlapping_labels(fig):
+    """Tick labels of each axis, and the titles and axis labels of all axes, do not overlap."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+
+    def boxes(texts):
+        return [t.get_window_extent(renderer) for t in texts if t.get_visible() and t.get_text()]
+
+    def disjoint(bs):
+        return all(not a.overlaps(b) for i, a in enumerate(bs) for b in bs[i + 1:])
+
+    for ax in fig.axes:
+        assert disjoint(boxes(ax.get_yticklabels())) and disjoint(boxes(ax.get_xticklabels()))
+    labels = [t for ax in fig.axes for t in (ax.title, ax.xaxis.label, ax.yaxis.label)]
+    assert disjoint(boxes(labels))
+
+
+def test_sample_figures_are_legible_for_20_tokens_and_600_frames(tmp_path, monkeypatch):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.figure
+    import run as cli
+    n, T, L, h = 20, 300, 2, 4                       # 600 original frames, one in 2
+    g = torch.Generator().manual_seed(0)
+    att = lambda *shape: torch.softmax(torch.randn(*shape, generator=g), -1).half()
+    words = ["αστυνομία", "πιστοποιητικό", "χρειάστηκες", "ασθενοφόρο", "δημαρχείο"]
+    tokens = [words[i % 5] for i in range(n - 1)] + [sa.EOS]
+    sample = dict(id="long", gloss_reference=["ΑΣΤΥΝΟΜΙΑ"] * 8, text_reference=tokens[:-1], prediction=tokens[:-1],
+                  gloss_prediction=["ΑΣΤΥΝΟΜΙΑ"], tokens=tokens, frames=T,
+                  attention=dict(encoder_self=att(3, h, T, T), decoder_self=att(L, h, n, n), decoder_cross=att(L, h, n, T)),
+                  gloss_posteriors=att(T, 6).float(),
+                  branch_norms=dict(tokens=torch.rand(L, n, generator=g), video=torch.rand(L, n, generator=g)),
+                  relevance={m: torch.randn(n, T, generator=g) for m in ex.METHODS}, token_relevance={})
+    meta = dict(split="test", target="text", methods=list(ex.METHODS), gloss_vocab=[sa.PAD, sa.UNK, sa.BOS, sa.EOS, "ΑΣΤΥΝΟΜΙΑ", "ΧΑΝΩ"],
+                data_config=asdict_data(subsample=2, format="signjoey"))
+    checked = []
+    original = matplotlib.figure.Figure.savefig
+
+    def checking_savefig(fig, *args, **kwargs):
+        no_overlapping_labels(fig)
+        checked.append(args[0])
+        return original(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", checking_savefig)
+    written = cli.plot_sample(str(tmp_path), dict(meta=meta, samples=[sample]), str(tmp_path), 0, "png", False, print)
+    assert len(written) == 6 and checked == written and all(os.path.getsize(p) > 10000 for p in written)
+
+
+def asdict_data(**kw):
+    from dataclasses import asdict
+    return asdict(sa.DataConfig(**kw))
+
+
+def test_plot_as_a_user(tiny_run):
+    cwd, _ = tiny_run
+    result = run(["plot", "r", "--sample", "1", "--animate"], str(cwd))
+    assert result.returncode == 0, result.stderr
+    names = ["skeleton", "cross_attention", "encoder_attention", "decoder_attention", "relevance",
+             "gloss_posteriors", "reliance"]
+    for name in names:
+        assert os.path.getsize(cwd / "r" / f"sample1_{name}.png") > 5000 and f"sample1_{name}.png" in result.stdout
+    assert (cwd / "r" / "sample1_animation.gif").read_bytes()[:3] == b"GIF"
+    result = run(["plot", "r", "--all", "--format", "svg"], str(cwd))
+    assert result.returncode == 0, result.stderr
+    for name in ("cross_attention_by_length", "diagonality", "reliance", "encoder_offsets", "entropy", "pointing_game"):
+        assert (cwd / "r" / f"all_all_{name}.svg").exists()
+    assert "diagonality (all): layer 1" in result.stdout and "pointing game (all): attention" in result.stdout
+    bad = run(["plot", "r", "--sample", "999"], str(cwd))
+    assert bad.returncode == 2 and "--sample 999" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
