@@ -471,13 +471,31 @@ def extract(args):
     """Decode a split and keep, per sample, every attention map, the CTC posteriors and the relevance of
     every requested method; one file per split, loadable with torch.load(weights_only=True)."""
     log = lambda msg: print(msg, flush=True)
+    data = extract_samples(args, log)
+    data["samples"] = [s for s in data["samples"] if s is not None]
+    path = os.path.join(data["meta"]["run"], f"extract_{args.split}.pt")
+    sa.save_checkpoint(path, data)
+    log("seconds per sample: " + ", ".join(f"{m} {t:.3f}" for m, t in data["meta"]["seconds_per_sample"].items()))
+    log(f"wrote {path} ({len(data['samples'])} samples, {os.path.getsize(path) / 1e6:.1f} MB)")
+    return path
+
+
+def extract_samples(args, log, only=None):
+    """{'meta': ..., 'samples': [one dict per sample of the split, None where not extracted]}; `only` names
+    the sample indices to extract (default: all, or the first --limit)."""
     run_dir, model, dataset, train_cfg, state, device = open_run(args, log)
     methods = method_list(args.methods)
     beam = train_cfg.beam if args.beam is None else args.beam
     target = dataset.target_vocab
     samples = [None] * len(dataset)
     seconds = dict.fromkeys(methods, 0.0)
-    batches = length_sorted_batches(dataset, args.batch_size, args.limit)
+    if only is None:
+        batches = length_sorted_batches(dataset, args.batch_size, args.limit)
+    else:
+        if not all(0 <= i < len(dataset) for i in only):
+            raise sa.DataError(f"--sample {', '.join(map(str, only))}: the {args.split} split holds samples "
+                               f"0..{len(dataset) - 1}")
+        batches = [list(only)]
     total = sum(len(b) for b in batches)
     start, done = time.time(), 0
     for indices in batches:
@@ -519,15 +537,10 @@ def extract(args):
         done += len(indices)
         rate = done / (time.time() - start)
         log(f"extract {args.split}: {done}/{total} samples  {rate:.2f} samples/s  ETA {format_time((total - done) / rate)}")
-    samples = [s for s in samples if s is not None]
     meta = dict(run=run_dir, split=args.split, epoch=state["epoch"], methods=methods, beam=beam,
                 data_config=state["data_config"], gloss_vocab=state["gloss_vocab"], target=dataset.cfg.target,
-                target_vocab=target.itos, seconds_per_sample={m: t / len(samples) for m, t in seconds.items()})
-    path = os.path.join(run_dir, f"extract_{args.split}.pt")
-    sa.save_checkpoint(path, dict(meta=meta, samples=samples))
-    log("seconds per sample: " + ", ".join(f"{m} {t:.3f}" for m, t in meta["seconds_per_sample"].items()))
-    log(f"wrote {path} ({len(samples)} samples, {os.path.getsize(path) / 1e6:.1f} MB)")
-    return path
+                target_vocab=target.itos, seconds_per_sample={m: t / total for m, t in seconds.items()})
+    return dict(meta=meta, samples=samples)
 
 
 def bench(args):
@@ -578,17 +591,26 @@ BODY_EDGES = [(11, 12), (11, 13), (13, 15), (12, 14), (14, 16), (11, 23), (12, 2
 
 
 def load_extract(args, log):
-    """The run's extraction of the split, made first if it is missing."""
+    """The run's extraction of the split. Where it is missing, --all makes and saves it first; one sample
+    is extracted alone, in memory."""
     run_dir = args.run or latest_run()
     path = os.path.join(run_dir, f"extract_{args.split}.pt")
-    if not os.path.exists(path):
-        log(f"{path} is missing: extracting it first")
-        extract(argparse.Namespace(**{**vars(args), "run": run_dir, "methods": "all", "batch_size": 16,
-                                      "limit": None, "beam": None}))
-    data = torch.load(path, weights_only=True)
+    options = argparse.Namespace(**{**vars(args), "run": run_dir, "methods": "all", "batch_size": 16,
+                                    "limit": None, "beam": None})
+    if os.path.exists(path):
+        data = torch.load(path, weights_only=True)
+    elif args.all:
+        log(f"{path} is missing: extracting the {args.split} split first")
+        data = torch.load(extract(options), weights_only=True)
+    else:
+        log(f"extracting {args.split} sample {args.sample} (`python run.py extract` keeps the whole split)")
+        data = extract_samples(options, log, only=[args.sample])
+    return run_dir, data, args.data or run_config(run_dir)["data_path"]
+
+
+def run_config(run_dir):
     with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
-        data_path = args.data or json.load(f)["data_path"]
-    return run_dir, data, data_path
+        return json.load(f)
 
 
 def pyplot():

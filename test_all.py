@@ -998,3 +998,18 @@ def test_plot_as_a_user(tiny_run):
     assert "diagonality (all): layer 1" in result.stdout and "pointing game (all): attention" in result.stdout
     bad = run(["plot", "r", "--sample", "999"], str(cwd))
     assert bad.returncode == 2 and "--sample 999" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_plot_one_sample_right_after_training(tiny_run):
+    """Without an extraction, one sample is extracted alone in memory: seconds, and nothing is written."""
+    import shutil
+    cwd, _ = tiny_run
+    os.makedirs(cwd / "fresh", exist_ok=True)
+    for name in ("best.pt", "config.json"):
+        shutil.copy(cwd / "r" / name, cwd / "fresh" / name)
+    result = run(["plot", "fresh", "--sample", "2"], str(cwd))
+    assert result.returncode == 0, result.stderr
+    assert "extracting test sample 2" in result.stdout and (cwd / "fresh" / "sample2_relevance.png").exists()
+    assert not (cwd / "fresh" / "extract_test.pt").exists()
+    bad = run(["plot", "fresh", "--sample", "16"], str(cwd))
+    assert bad.returncode == 2 and "holds samples 0..15" in bad.stderr
