@@ -17,7 +17,7 @@ import math
 import os
 import pickle
 import shutil
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
