@@ -28,6 +28,7 @@ SIGNED = {"input_x_gradient", "integrated_gradients", "lrp"}
 FLOAT64 = {"lrp", "partial_lrp", "transformer_attribution"}
 GRADIENT_METHODS = ("gradcam", "saliency", "input_x_gradient", "integrated_gradients", "transformer_attribution",
                     "generic", "dsmi_grad", "dsmi_grad_attn")
+GROUPS = ("encoder_self", "decoder_self", "decoder_cross")
 DEFAULTS = dict(layer=-1, score="logit", steps=64, transpose=True, seed=0, chunk=256, eps=1e-9)
 
 
@@ -60,10 +61,12 @@ def explain(model, src, src_mask, out_tokens, method="generic", return_tokens=Fa
     tgt_in = torch.cat([torch.full_like(out_tokens[:, :1], model.bos_id), out_tokens[:, :-1]], 1)
     b_idx, t_idx = rows.nonzero(as_tuple=True)                       # ordered by sample, then token
     if method in FLOAT64 and src.dtype != torch.float64:
-        twin = type(model)(model.cfg).to(src.device)
+        with torch.random.fork_rng(devices=[]):                        # building the twin draws no numbers
+            twin = type(model)(model.cfg).to(src.device)
         twin.load_state_dict(model.state_dict())
         model, src = twin.double(), src.double()
-    keep = [m.keep for group in model.attention_modules().values() for m in group]
+    modules = [m for group in model.attention_modules().values() for m in group]
+    saved = [(m.keep, m.attention) for m in modules], [layer.branches for layer in model.decoder]
     training = model.training
     model.eval()
     try:
@@ -73,10 +76,11 @@ def explain(model, src, src_mask, out_tokens, method="generic", return_tokens=Fa
             frames[cb, ct, :f.shape[1]] = f.float() * src_mask[cb, :f.shape[1]]
             if tok is not None:
                 tokens[cb, ct, :tok.shape[1]] = tok.float()
-    finally:
-        model.keep_attention(False)
-        for m, k in zip((m for group in model.attention_modules().values() for m in group), keep):
-            m.keep = k
+    finally:                                                           # the model as the caller left it
+        for m, (keep, attention) in zip(modules, saved[0]):
+            m.keep, m.attention = keep, attention
+        for layer, branches in zip(model.decoder, saved[1]):
+            layer.branches = branches
         model.train(training)
     has_tokens = method in ("attention", "lrp", "transformer_attribution", "generic")
     return (frames, tokens if has_tokens else None) if return_tokens else frames
@@ -113,7 +117,7 @@ class _Context:
     def __init__(self, model, src, src_mask, tgt_in, out_tokens, cb, ct, opts):
         self.model, self.opts, self.ct = model, opts, ct
         samples, self.inverse = torch.unique(cb, return_inverse=True)
-        T = int(src_mask[samples].sum(1).max())
+        T = int(src_mask[samples].any(0).nonzero().max()) + 1         # up to the last real frame
         n = int(ct.max()) + 1
         self.src, self.mask = src[samples, :T], src_mask[samples, :T]         # (S, T, F), (S, T) per sample
         self.tgt_in, self.out = tgt_in[samples, :n], out_tokens[samples, :n]
@@ -121,12 +125,14 @@ class _Context:
         self.N, self.T, self.n = len(cb), T, n
         self.rows = torch.arange(self.N, device=src.device)
 
-    def run(self, grads=(), src=None, tape=False):
+    def run(self, grads=(), src=None, tape=False, maps=GROUPS):
         """One forward of the chunk's samples with attention kept. `grads` names what to differentiate each
         copy's score by: 'input' and/or attention groups ('encoder_self', 'decoder_self', 'decoder_cross');
         all copies' gradients come from one backward batched over token positions. `tape` records every
-        module's inputs and output (for LRP). Returns a _Pass whose tensors are per copy."""
+        module's inputs and output (for LRP); `maps` names the attention groups the method reads. Returns a
+        _Pass whose tensors are per copy."""
         model = self.model.keep_attention(True)
+        wanted_maps = set(maps) | {g for g in grads if g != "input"}
         x = self.src if src is None else src
         if "input" in grads:
             x = x.detach().requires_grad_(True)
@@ -144,7 +150,8 @@ class _Context:
                 h.remove()
         maps = {k: [m.attention for m in v] for k, v in model.attention_modules().items()}
         copy = lambda t: t[self.inverse] if t.dim() and t.shape[0] == len(self.src) else t   # masks broadcast
-        p = _Pass(maps={k: [copy(a.detach()) for a in v] for k, v in maps.items()}, src=copy(x.detach()),
+        p = _Pass(maps={k: [copy(a.detach()) for a in maps[k]] for k in maps if k in wanted_maps},
+                  src=copy(x.detach()),
                   mask=copy(self.mask), memory=memory.detach(), tape=records, copy=copy)
         if grads:
             step = logits.log_softmax(-1) if self.opts["score"] == "logprob" else logits
@@ -189,14 +196,14 @@ def _row(a, ctx):
 
 def attention(ctx):
     """Raw attention: R[t] = mean_h A_cross[h, t, :] of one decoder layer (the last by default)."""
-    p = ctx.run()
+    p = ctx.run(maps=("decoder_cross", "decoder_self"))
     layer = ctx.opts["layer"]
     return _row(p.maps["decoder_cross"][layer], ctx), _row(p.maps["decoder_self"][layer], ctx)
 
 
 def rollout(ctx):
     """Attention rollout (Abnar & Zuidema 2020): E = prod_l rownorm(mean_h A_enc_l + I); R[t] = (mean_h A_cross_L E)[t]."""
-    p = ctx.run()
+    p = ctx.run(maps=("encoder_self", "decoder_cross"))
     eye = torch.eye(ctx.T, device=ctx.src.device, dtype=ctx.src.dtype)
     E = eye.expand(ctx.N, ctx.T, ctx.T)
     for a in p.maps["encoder_self"]:
@@ -208,7 +215,7 @@ def rollout(ctx):
 def gradcam(ctx):
     """Grad-CAM on the last decoder cross-attention (Chefer's baseline): per head w_h = mean over the real
     frames of dA[h, t, :]; R[t] = (mean_h w_h A[h, t, :])^+."""
-    p = ctx.run(grads=("decoder_cross",))
+    p = ctx.run(grads=("decoder_cross",), maps=())
     layer = ctx.opts["layer"]
     a = p.maps["decoder_cross"][layer][ctx.rows, :, ctx.ct]                 # (N, h, T)
     g = p.grads["decoder_cross"][layer][ctx.rows, :, ctx.ct] * p.mask[:, None]     # a masked entry is 0 but
@@ -218,13 +225,13 @@ def gradcam(ctx):
 
 def saliency(ctx):
     """Saliency: R[t, tau] = sum_f |ds_t / dx[tau, f]|."""
-    p = ctx.run(grads=("input",))
+    p = ctx.run(grads=("input",), maps=())
     return p.input_grad.abs().sum(-1), None
 
 
 def input_x_gradient(ctx):
     """Input x gradient: R[t, tau] = sum_f x[tau, f] ds_t / dx[tau, f]."""
-    p = ctx.run(grads=("input",))
+    p = ctx.run(grads=("input",), maps=())
     return (p.src.detach() * p.input_grad).sum(-1), None
 
 
@@ -236,7 +243,7 @@ def integrated_gradients(ctx):
     nodes, weights = np.polynomial.legendre.leggauss(ctx.opts["steps"])
     total = 0.0
     for alpha, w in zip((nodes + 1) / 2, weights / 2):
-        total = total + w * ctx.run(grads=("input",), src=ctx.src * float(alpha)).input_grad
+        total = total + w * ctx.run(grads=("input",), src=ctx.src * float(alpha), maps=()).input_grad
     return (ctx.src[ctx.inverse] * total).sum(-1), None
 
 
@@ -270,9 +277,6 @@ def _propagate(ctx, A, transpose):
     return R_de[ctx.rows, ctx.ct], R_dd[ctx.rows, ctx.ct]
 
 
-GROUPS = ("encoder_self", "decoder_self", "decoder_cross")
-
-
 def generic(ctx):
     """Generic attention-model explainability (Chefer et al., ICCV 2021): A_bar = mean_h (dA * A)^+ for every
     attention map, propagated through the encoder, the decoder self- and the cross-attention."""
@@ -284,7 +288,7 @@ def generic(ctx):
 def transformer_attribution(ctx):
     """The same propagation with A_bar = mean_h (dA * R_A)^+, R_A the LRP relevance at each attention map
     (the reference's variant with LRP)."""
-    p = ctx.run(grads=GROUPS, tape=True)
+    p = ctx.run(grads=GROUPS, tape=True, maps=())
     rel = _Relprop(ctx, p)
     rel.run()
     A = {g: [_aggregate(rel.at_attention[m], d) for m, d in zip(ctx.model.attention_modules()[g], p.grads[g])]
@@ -443,14 +447,14 @@ def _positions(x):
 
 def lrp(ctx):
     """Full LRP down to the input features, summed over the feature axis."""
-    p = ctx.run(tape=True)
+    p = ctx.run(tape=True, maps=())
     R_src, R_tokens = _Relprop(ctx, p).run()
     return R_src.sum(-1), R_tokens
 
 
 def partial_lrp(ctx):
     """Partial LRP: the LRP relevance at one decoder cross-attention map (the last), (.)^+, mean over heads."""
-    p = ctx.run(tape=True)
+    p = ctx.run(tape=True, maps=())
     rel = _Relprop(ctx, p)
     rel.run()
     module = ctx.model.attention_modules()["decoder_cross"][ctx.opts["layer"]]
@@ -486,7 +490,7 @@ def fiedler(features, mask):
 
 def _spectral(ctx, grads=None):
     if grads is None:
-        return fiedler(ctx.run().memory, ctx.mask)[ctx.inverse], None
+        return fiedler(ctx.run(maps=()).memory, ctx.mask)[ctx.inverse], None
     p = ctx.run(grads=("encoder_self",))
     v = fiedler(p.memory, ctx.mask)[ctx.inverse]
     R = torch.zeros(ctx.N, ctx.T, device=ctx.src.device)
@@ -570,20 +574,25 @@ def offset_profile(att, max_offset):
     return out
 
 
-def entropy(att):
+def entropy(att, causal=False):
     """Normalised entropy of each head's attention rows, averaged over rows: (h, q, k) -> (h,), in [0, 1]
-    (1 = uniform over the k keys, 0 = one key)."""
-    k = att.shape[-1]
-    if k < 2:
-        return torch.zeros(att.shape[0], dtype=torch.float64)
+    (1 = uniform over the keys a row may see, 0 = one key). Causal row t sees t + 1 keys; rows that can
+    see one key only are left out. NaN where no row is left."""
+    q, k = att.shape[-2], att.shape[-1]
+    keys = torch.arange(1, q + 1, dtype=torch.float64) if causal else torch.full((q,), float(k), dtype=torch.float64)
     p = att.double().clamp(min=0)
-    h = -(p * p.clamp(min=1e-30).log()).sum(-1) / math.log(k)
-    return h.mean(-1)
+    h = -(p * p.clamp(min=1e-30).log()).sum(-1)                              # (h, q)
+    rows = keys > 1
+    if not rows.any():
+        return torch.full((att.shape[0],), float("nan"), dtype=torch.float64)
+    return (h[:, rows] / keys[rows].log()).mean(-1)
 
 
 def pointing_game(relevance, segments):
-    """For (token row, start, end) segments in model frames: does the row's argmax fall in [start, end)?"""
-    return [start <= int(relevance[t].argmax()) < end for t, start, end in segments]
+    """For (token row, start, end) segments in model frames: does the row's argmax fall in [start, end)?
+    A constant row (all zero, say) points nowhere: a miss."""
+    return [bool(relevance[t].max() > relevance[t].min()) and start <= int(relevance[t].argmax()) < end
+            for t, start, end in segments]
 
 
 def segment_mass(relevance, segments):

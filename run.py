@@ -523,7 +523,9 @@ def extract_samples(args, log, only=None):
             half = lambda x: x.detach().to("cpu", torch.float16).clone()
             samples[i] = dict(
                 id=r.id, gloss_reference=r.gloss, text_reference=r.text,
-                prediction=target.decode(out[b].tolist()), gloss_prediction=dataset.gloss_vocab.decode(ctc[b]),
+                prediction=target.decode(out[b].tolist()),
+                gloss_prediction=(target.decode(out[b].tolist()) if dataset.cfg.target == "gloss"
+                                  else dataset.gloss_vocab.decode(ctc[b])),
                 tokens=[target.itos[t] for t in out[b, :n].tolist()], frames=T,
                 attention=dict(encoder_self=half(maps["encoder_self"][b, :, :, :T, :T]),
                                decoder_self=half(maps["decoder_self"][b, :, :, :n, :n]),
@@ -539,7 +541,8 @@ def extract_samples(args, log, only=None):
         log(f"extract {args.split}: {done}/{total} samples  {rate:.2f} samples/s  ETA {format_time((total - done) / rate)}")
     meta = dict(run=run_dir, split=args.split, epoch=state["epoch"], methods=methods, beam=beam,
                 data_config=state["data_config"], gloss_vocab=state["gloss_vocab"], target=dataset.cfg.target,
-                target_vocab=target.itos, seconds_per_sample={m: t / total for m, t in seconds.items()})
+                target_vocab=target.itos, ctc_trained=train_cfg.ctc_weight > 0,
+                seconds_per_sample={m: t / total for m, t in seconds.items()})
     return dict(meta=meta, samples=samples)
 
 
@@ -748,27 +751,30 @@ def plot_sample(run_dir, data, data_path, index, fmt, animate, log):
     fig.suptitle(header + "\nrelevance of each frame for each predicted token (signed methods: red > 0 > blue)",
                  fontsize=9, x=0.02, ha="left")
     save(fig, "relevance")
-    # CTC gloss posteriors and the true gloss segments
-    post = s["gloss_posteriors"].float()
-    vocab = meta["gloss_vocab"]
-    shown = sorted({vocab.index(g) for g in s["gloss_reference"] + s["gloss_prediction"] if g in vocab})
-    fig, ax = plt.subplots(figsize=(11, 3.6), layout="constrained")
-    frames = np.arange(T) * k
-    ax.plot(frames, post[:, 0].numpy(), color="0.6", linestyle="--", label="blank")
-    for i in shown:
-        ax.plot(frames, post[:, i].numpy(), label=vocab[i])
-    for j, (_, g, a, b) in enumerate(sorted(alignments)):
-        ax.axvspan(a, b, color=("0.85" if j % 2 else "0.93"), zorder=0)
-        ax.text((a + b) / 2, 1.02, g, ha="center", va="bottom", fontsize=7, rotation=90 if len(alignments) > 6 else 0,
-                transform=ax.get_xaxis_transform())
-    ax.set_xlabel("frame (original frame rate)")
-    ax.set_ylabel("CTC posterior")
-    ax.set_ylim(0, 1)
-    ax.set_xlim(0, max(frames[-1], 1))
-    ax.legend(fontsize=7, ncol=1, loc="upper left", bbox_to_anchor=(1.01, 1))
-    ax.set_title(f"{s['id']}: CTC gloss posteriors" + (" over the true gloss segments (grey)" if alignments else ""),
-                 fontsize=10, pad=40 if alignments else 6)
-    save(fig, "gloss_posteriors")
+    # CTC gloss posteriors and the true gloss segments (only where the gloss head was trained)
+    if not meta.get("ctc_trained", True):
+        log("the run trained no CTC gloss head (ctc_weight 0): gloss posterior figure skipped")
+    else:
+        post = s["gloss_posteriors"].float()
+        vocab = meta["gloss_vocab"]
+        shown = sorted({vocab.index(g) for g in s["gloss_reference"] + s["gloss_prediction"] if g in vocab})
+        fig, ax = plt.subplots(figsize=(11, 3.6), layout="constrained")
+        frames = np.arange(T) * k
+        ax.plot(frames, post[:, 0].numpy(), color="0.6", linestyle="--", label="blank")
+        for i in shown:
+            ax.plot(frames, post[:, i].numpy(), label=vocab[i])
+        for j, (_, g, a, b) in enumerate(sorted(alignments)):
+            ax.axvspan(a, b, color=("0.85" if j % 2 else "0.93"), zorder=0)
+            ax.text((a + b) / 2, 1.02, g, ha="center", va="bottom", fontsize=7, rotation=90 if len(alignments) > 6 else 0,
+                    transform=ax.get_xaxis_transform())
+        ax.set_xlabel("frame (original frame rate)")
+        ax.set_ylabel("CTC posterior")
+        ax.set_ylim(0, 1)
+        ax.set_xlim(0, max(frames[-1], 1))
+        ax.legend(fontsize=7, ncol=1, loc="upper left", bbox_to_anchor=(1.01, 1))
+        ax.set_title(f"{s['id']}: CTC gloss posteriors" + (" over the true gloss segments (grey)" if alignments else ""),
+                     fontsize=10, pad=40 if alignments else 6)
+        save(fig, "gloss_posteriors")
     # reliance on the video versus the previous tokens
     video, prev = s["branch_norms"]["video"].float(), s["branch_norms"]["tokens"].float()
     fig, axes = plt.subplots(1, 2, figsize=(max(9, 0.45 * n + 6), 3.8), layout="constrained")
@@ -866,7 +872,8 @@ def global_numbers(data, data_path, correct_only):
         enc = s["attention"]["encoder_self"].float().mean(1)
         out["offsets"].append(torch.stack([explain.offset_profile(a, 10) for a in enc]))
         for group, maps in s["attention"].items():
-            out["entropy"].setdefault(group, []).append(torch.stack([explain.entropy(a.float()) for a in maps]))
+            out["entropy"].setdefault(group, []).append(
+                torch.stack([explain.entropy(a.float(), causal=group == "decoder_self") for a in maps]))
         segments = token_segments(s, alignments.get(s["id"], []), k, target, links)
         for method, rel in s["relevance"].items():
             if segments:
@@ -961,7 +968,7 @@ def plot_all(run_dir, data, data_path, fmt, log):
         groups = list(g["entropy"])
         fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.2), squeeze=False, layout="constrained")
         for ax, group in zip(axes[0], groups):
-            values = torch.stack(g["entropy"][group]).mean(0).numpy()         # (L, h)
+            values = np.nanmean(torch.stack(g["entropy"][group]).numpy(), 0)     # (L, h)
             im = ax.imshow(values, cmap="magma", vmin=0, vmax=1, aspect="auto")
             plt.colorbar(im, ax=ax, label="normalised entropy", fraction=0.046, pad=0.02)
             ax.set_xticks(range(values.shape[1]), [str(h + 1) for h in range(values.shape[1])])
@@ -980,7 +987,7 @@ def plot_all(run_dir, data, data_path, fmt, log):
             ax.bar(x - 0.2, accuracy, 0.4, label="pointing game (argmax in the segment)")
             ax.bar(x + 0.2, mass, 0.4, label="positive relevance mass in the segment")
             ax.set_xticks(x, methods, rotation=45, ha="right")
-            ax.set_ylabel("% of gloss occurrences")
+            ax.set_ylabel("% (hits, or mean share of mass)")
             ax.set_ylim(0, 100)
             ax.legend(fontsize=8)
             ax.set_title(f"Plausibility against the true gloss segments ({len(g['pointing'][methods[0]])} "

@@ -973,6 +973,13 @@ class SignTranslator(nn.Module):
 # 3. Decoding
 # ----------------------------------------------------------------------------------------------------
 
+def _decodable(logits, model):
+    """PAD and BOS are never written: their logits are set to -inf."""
+    logits = logits.clone()
+    logits[:, [model.pad_id, model.bos_id]] = float("-inf")
+    return logits
+
+
 @torch.no_grad()
 def greedy_decode(model, src, src_mask, max_len=30, memory=None):
     """(B, L) token ids, each row ending with EOS (or cut at max_len) and padded with PAD."""
@@ -981,7 +988,7 @@ def greedy_decode(model, src, src_mask, max_len=30, memory=None):
     seq = torch.full((B, 1), model.bos_id, dtype=torch.long, device=src.device)
     done = torch.zeros(B, dtype=torch.bool, device=src.device)
     for _ in range(max_len):
-        token = model.decode(memory, src_mask, seq)[:, -1].argmax(-1)
+        token = _decodable(model.decode(memory, src_mask, seq)[:, -1], model).argmax(-1)
         token = token.masked_fill(done, model.pad_id)
         seq = torch.cat([seq, token[:, None]], 1)
         done |= token == model.eos_id
@@ -1012,7 +1019,7 @@ def beam_search(model, src, src_mask, beam=4, alpha=1.0, max_len=30, memory=None
         return ((5.0 + length) / 6.0) ** alpha
 
     for step in range(1, max_len + 1):
-        logp = model.decode(memory, mask, seqs)[:, -1].log_softmax(-1)            # (B*K, V)
+        logp = _decodable(model.decode(memory, mask, seqs)[:, -1], model).log_softmax(-1)   # (B*K, V)
         V = logp.shape[-1]
         cand = (scores[:, :, None] + logp.view(B, K, V)).view(B, K * V)
         top, idx = cand.topk(2 * K, dim=1)                                          # (B, 2K)

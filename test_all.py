@@ -1013,3 +1013,70 @@ def test_plot_one_sample_right_after_training(tiny_run):
     assert not (cwd / "fresh" / "extract_test.pt").exists()
     bad = run(["plot", "fresh", "--sample", "16"], str(cwd))
     assert bad.returncode == 2 and "holds samples 0..15" in bad.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# review fixes: masks with holes, the caller's model left as it was, decoding, gloss-target runs
+# ----------------------------------------------------------------------------------------------------
+
+def test_explain_keeps_frames_after_a_hole_in_the_mask():
+    model, src, mask, out = explain_inputs()
+    holed = mask.clone()
+    holed[0, 2] = False                                   # a removed frame, real frames after it
+    fast = ex.explain(model, src, holed, out, "saliency")
+    tgt_in = torch.cat([torch.full((3, 1), model.bos_id), out[:, :-1]], 1)
+    x = src[:1].clone().requires_grad_(True)
+    logits = model(x, holed[:1], tgt_in[:1])
+    for t in range(out.shape[1]):
+        g, = torch.autograd.grad(logits[0, t, out[0, t]], x, retain_graph=True)
+        expected = g[0].abs().sum(-1) * holed[0]
+        torch.testing.assert_close(fast[0, t], expected, atol=1e-5, rtol=1e-5)
+    assert fast[0, :, 10].abs().sum() > 0 and (fast[0, :, 2] == 0).all()
+
+
+def test_explain_leaves_the_model_and_the_random_state_as_they_were():
+    model, src, mask, out = explain_inputs()
+    model.keep_attention(True)
+    tgt_in = torch.cat([torch.full((3, 1), model.bos_id), out[:, :-1]], 1)
+    model(src, mask, tgt_in)
+    before = [m.attention for g in model.attention_modules().values() for m in g]
+    branches = [layer.branches for layer in model.decoder]
+    state = torch.get_rng_state()
+    for method in ("generic", "lrp", "transformer_attribution"):
+        ex.explain(model, src, mask, out, method)
+    assert torch.equal(torch.get_rng_state(), state)
+    after = [m.attention for g in model.attention_modules().values() for m in g]
+    assert all(a is b for a, b in zip(before, after)) and all(m.keep for g in model.attention_modules().values() for m in g)
+    assert all(a is b for a, b in zip(branches, [layer.branches for layer in model.decoder]))
+    assert not model.training
+
+
+def test_decoding_never_writes_pad_or_bos():
+    model = small_model()
+    with torch.no_grad():
+        model.head.bias[model.pad_id] = 50.0
+        model.head.bias[model.bos_id] = 50.0
+    src, mask, _ = random_batch(B=3, T=9)
+    for out in (sa.greedy_decode(model, src, mask, max_len=6), sa.beam_search(model, src, mask, beam=3, max_len=6)):
+        for row in out.tolist():
+            body = row[:row.index(model.eos_id)] if model.eos_id in row else row
+            assert model.pad_id not in body and model.bos_id not in body
+
+
+def test_causal_entropy_and_constant_rows():
+    causal = torch.tril(torch.ones(4, 4))
+    causal = (causal / causal.sum(-1, keepdim=True))[None]
+    torch.testing.assert_close(ex.entropy(causal, causal=True), torch.ones(1, dtype=torch.float64))
+    assert ex.pointing_game(torch.zeros(1, 5), [(0, 0, 2)]) == [False]
+
+
+def test_gloss_target_run_without_a_ctc_head(tiny_gsl, tmp_path):
+    result = run(["train", "--data", tiny_gsl, "--epochs", "1", "--out", "g", "--target", "gloss", "--ctc-weight", "0"]
+                 + TINY_MODEL, str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert run(["extract", "g", "--limit", "2"], str(tmp_path)).returncode == 0
+    samples = torch.load(tmp_path / "g" / "extract_test.pt", weights_only=True)["samples"]
+    assert all(s["gloss_prediction"] == s["prediction"] for s in samples)
+    result = run(["plot", "g", "--sample", "0"], str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "gloss posterior figure skipped" in result.stdout and not (tmp_path / "g" / "sample0_gloss_posteriors.png").exists()
