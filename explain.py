@@ -26,8 +26,8 @@ SIGNED = {"input_x_gradient", "integrated_gradients", "lrp"}
 # hundredfold inside one add): in float32 the rounding of the forward pass decides these methods' maps for
 # about a fifth of the tokens of the trained default model. They are computed in float64.
 FLOAT64 = {"lrp", "partial_lrp", "transformer_attribution"}
-GRADIENT_METHODS = ("gradcam", "saliency", "input_x_gradient", "integrated_gradients", "transformer_attribution",
-                    "generic", "dsmi_grad", "dsmi_grad_attn")
+PER_TOKEN = ("gradcam", "saliency", "input_x_gradient", "integrated_gradients", "lrp", "partial_lrp",
+             "transformer_attribution", "generic", "dsmi_grad", "dsmi_grad_attn")   # each token its own pass
 GROUPS = ("encoder_self", "decoder_self", "decoder_cross")
 DEFAULTS = dict(layer=-1, score="logit", steps=64, transpose=True, seed=0, chunk=256, eps=1e-9)
 

@@ -567,7 +567,7 @@ def bench(args):
         tic = time.time()
         fast = [explain.explain(model, src, mask, out, method) for src, mask, out in inputs]
         batched = (time.time() - tic) / count
-        if method not in explain.GRADIENT_METHODS + ("lrp", "partial_lrp"):
+        if method not in explain.PER_TOKEN:
             log(f"{method:>24}  {batched:16.4f}  {'-':>13}  {'-':>8}  {'-':>10}")
             continue
         tic, diff = time.time(), 0.0
@@ -841,17 +841,23 @@ def animate_sample(plt, s, pose, cross, k, path):
     return path
 
 
-def global_numbers(data, data_path, correct_only):
+def segment_sources(data, data_path):
+    """alignments.csv of the data (or {}) and, for text decoders, the word-gloss links of its training split."""
+    meta = data["meta"]
+    alignments = sa.read_alignments(data_path) if meta["data_config"]["format"] == "gsl" else {}
+    links = None
+    if alignments and meta["target"] == "text":
+        links = sa.gloss_links([(g, t) for _, split, g, t in sa.read_annotations(data_path) if split == "train"])
+    return alignments, links
+
+
+def global_numbers(data, alignments, links, correct_only):
     """The numbers behind the global figures, over the samples whose prediction equals the reference
     (correct_only) or over all samples."""
     meta = data["meta"]
     k = meta["data_config"]["subsample"]
     target = meta["target"]
     samples = [s for s in data["samples"] if not correct_only or s["prediction"] == s[f"{target}_reference"]]
-    alignments = sa.read_alignments(data_path) if meta["data_config"]["format"] == "gsl" else {}
-    links = None
-    if alignments and target == "text":
-        links = sa.gloss_links([(g, t) for _, split, g, t in sa.read_annotations(data_path) if split == "train"])
     layers = len(samples[0]["attention"]["decoder_cross"]) if samples else 0
     bins = 20
     out = dict(count=len(samples), profiles={}, diagonality=[[] for _ in range(layers)], reliance={},
@@ -901,9 +907,10 @@ def plot_all(run_dir, data, data_path, fmt, log):
     plt = pyplot()
     written = []
     meta = data["meta"]
+    alignments, links = segment_sources(data, data_path)
     for correct_only in (True, False):
         view = "correct" if correct_only else "all"
-        g = global_numbers(data, data_path, correct_only)
+        g = global_numbers(data, alignments, links, correct_only)
         label = (f"{g['count']} {meta['split']} samples whose prediction equals the reference" if correct_only
                  else f"all {g['count']} {meta['split']} samples")
         if not g["count"]:
