@@ -12,6 +12,9 @@ maps names to functions, each a few lines over two shared pieces written once:
   its own gradients, for all tokens of all samples at once.
 - `_Relprop`: LRP (Chefer et al., CVPR 2021 rules) walked backwards through the same model class that
   trains, from activations recorded by forward hooks.
+
+Below the methods: the analyses behind the global figures, and the perturbation tests that ask whether a
+relevance is faithful (token_perturbation, sentence_perturbation, auc, bootstrap).
 """
 import math
 
@@ -602,3 +605,179 @@ def segment_mass(relevance, segments):
         positive = relevance[t].clamp(min=0)
         out.append(float(positive[start:end].sum() / positive.sum()) if positive.sum() > 0 else 0.0)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Faithfulness: remove frames in the order a relevance gives (METHODS.md, Perturbation tests)
+# ----------------------------------------------------------------------------------------------------
+
+FRACTIONS = tuple(i / 10 for i in range(10))          # share of the real frames removed; 0 = the clean input
+DIRECTIONS = ("positive", "negative")                 # most relevant removed first / least relevant first
+MODES = ("mask", "zero")                              # removed through the key mask, or replaced by zeros
+
+
+def removal_ranks(relevance, mask, seed=0):
+    """Rank of each frame by relevance, 0 = most relevant: (..., T) -> (..., T) long. Padded frames rank after
+    the real ones; ties are broken in a random order (seeded), so that a constant row does not remove frames
+    left to right."""
+    if torch.isnan(relevance).any():
+        raise ValueError("relevance holds NaN")
+    mask = mask.expand_as(relevance)
+    g = torch.Generator().manual_seed(seed)
+    shuffle = torch.rand(relevance.shape, generator=g).argsort(-1).to(relevance.device)
+    key = relevance.double().masked_fill(~mask, float("-inf")).gather(-1, shuffle)
+    order = shuffle.gather(-1, key.argsort(dim=-1, descending=True, stable=True))
+    ranks = torch.empty_like(order)
+    return ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+
+
+def kept_frames(ranks, mask, fractions=FRACTIONS):
+    """(..., 2, P, T) bool: the real frames left when floor(p * T_real) of them are removed, at most
+    T_real - 1 (one frame always remains), the most relevant first (positive, index 0) or the least relevant
+    first (negative, index 1). ranks (..., T) from removal_ranks, mask broadcastable to it."""
+    mask = mask.expand_as(ranks)
+    real = mask.sum(-1, keepdim=True)                                       # (..., 1)
+    p = torch.tensor(fractions, dtype=torch.float64, device=ranks.device)
+    removed = torch.minimum(torch.floor(p * real + 1e-9).long(), (real - 1).clamp(min=0))   # (..., P)
+    r, removed, real = ranks[..., None, :], removed[..., None], real[..., None]
+    positive = r >= removed
+    negative = r < real - removed
+    return torch.stack([positive, negative], -3) & mask[..., None, None, :]
+
+
+def perturbed_inputs(src, src_mask, sample, keep, mode="mask"):
+    """The inputs of perturbed copies: copy i is sample[i] with only the frames keep[i] (T) left. 'mask'
+    drops the removed frames, which is what the encoder's key mask does, and keeps the others' positions (so
+    the sequences are shorter); 'zero' replaces them by zeros. Returns src, src_mask, positions (or None)."""
+    if mode == "zero":
+        last = int(src_mask[sample].any(0).nonzero().max()) + 1
+        x = src[sample, :last] * keep[:, :last, None]
+        return x, src_mask[sample, :last], None
+    if mode != "mask":
+        raise ValueError(f"mode must be one of {', '.join(MODES)}")
+    count = keep.sum(-1)
+    positions = (~keep).int().argsort(dim=-1, stable=True)[:, :int(count.max())]    # kept frames first, in order
+    frames = torch.arange(positions.shape[1], device=src.device)[None] < count[:, None]
+    positions = positions.masked_fill(~frames, 0)
+    return src[sample[:, None], positions] * frames[..., None], frames, positions
+
+
+def _batches(lengths, budget):
+    """Index groups, short copies first, whose padded size (copies x longest) stays within `budget` frames."""
+    order = lengths.argsort().tolist()
+    lengths = lengths.tolist()
+    group, longest = [], 0
+    for i in order:
+        L = lengths[i]
+        if group and (len(group) + 1) * max(longest, L) > budget:
+            yield group
+            group, longest = [], 0
+        group.append(i)
+        longest = max(longest, L)
+    if group:
+        yield group
+
+
+def _unique_copies(sample, keep):
+    """Distinct (sample, kept frames) pairs: (sample (U,), keep (U, T)) and, per input copy, its index."""
+    key = torch.cat([sample[:, None], keep.long()], 1)
+    unique, inverse = torch.unique(key, dim=0, return_inverse=True)
+    return unique[:, 0], unique[:, 1:].bool(), inverse
+
+
+def _decodable(logits, model):
+    logits = logits.clone()
+    logits[..., [model.pad_id, model.bos_id]] = float("-inf")
+    return logits
+
+
+@torch.no_grad()
+def token_perturbation(model, src, src_mask, out_tokens, relevance, fractions=FRACTIONS, mode="mask", seed=0,
+                       budget=4096, progress=None):
+    """Token-level perturbation test: for output token t of each sample, frames are removed in the order of
+    relevance[b, t] and the teacher-forced model (its prefix unperturbed) is asked whether it still ranks
+    out_tokens[b, t] first at position t. Returns (B, n, 2, P) float: 1 or 0 per token, direction (positive,
+    negative) and fraction; NaN on padding tokens. Fraction 0 is the clean input.
+
+    Every removal of one fraction, for all tokens of all samples, is a copy; identical copies (the same frames
+    of the same sample left) are forwarded once, and the copies run in batches of about `budget` frames.
+    `progress(fraction index, copies done, copies of this fraction)` is called after each batch."""
+    model.eval()
+    B, n = out_tokens.shape
+    rows = out_tokens != model.pad_id
+    b_idx, t_idx = rows.nonzero(as_tuple=True)
+    ranks = removal_ranks(relevance[b_idx, t_idx], src_mask[b_idx], seed)                  # (N, T)
+    keep = kept_frames(ranks, src_mask[b_idx], fractions)                                # (N, 2, P, T)
+    tgt_in = torch.cat([torch.full_like(out_tokens[:, :1], model.bos_id), out_tokens[:, :-1]], 1)
+    scores = torch.full((B, n, 2, len(fractions)), float("nan"), device=src.device)
+    for f in range(len(fractions)):
+        copies = keep[:, :, f].reshape(-1, keep.shape[-1])                                # (N * 2, T)
+        sample, token = b_idx.repeat_interleave(2), t_idx.repeat_interleave(2)
+        u_sample, u_keep, inverse = _unique_copies(sample, copies)
+        correct = torch.zeros(len(u_sample), n, dtype=torch.bool, device=src.device)
+        lengths = u_keep.sum(-1) if mode == "mask" else src_mask[u_sample].sum(-1)
+        done = 0
+        for group in _batches(lengths.cpu(), budget):
+            group = torch.tensor(group, device=src.device)
+            x, mask, positions = perturbed_inputs(src, src_mask, u_sample[group], u_keep[group], mode)
+            n_group = int(rows[u_sample[group]].sum(-1).max())                  # the group's longest output
+            logits = model.decode(model.encode(x, mask, positions), mask, tgt_in[u_sample[group], :n_group])
+            correct[group, :n_group] = _decodable(logits, model).argmax(-1) == out_tokens[u_sample[group], :n_group]
+            done += len(group)
+            if progress:
+                progress(f, done, len(u_sample))
+        scores[b_idx, t_idx, :, f] = correct[inverse, token].float().view(-1, 2)
+    return scores
+
+
+@torch.no_grad()
+def sentence_perturbation(model, src, src_mask, relevance, rows, max_len, fractions=FRACTIONS, mode="mask", seed=0,
+                          budget=4096, progress=None):
+    """Sentence-level perturbation test: frames are ranked by sum_t R[t] / ||R[t]||_1 over the explained rows
+    (rows (B, n) bool), removed, and the model greedy-decodes. Returns (B, 2, P, L) token ids (PAD after
+    EOS) per direction (positive, negative) and fraction; fraction 0 is the clean decoding. `progress` as in
+    token_perturbation."""
+    from signattention import greedy_decode
+    model.eval()
+    R = relevance * rows[..., None]
+    ranking = (R / R.abs().sum(-1, keepdim=True).clamp(min=1e-12)).sum(1)                 # (B, T)
+    keep = kept_frames(removal_ranks(ranking, src_mask, seed), src_mask, fractions)      # (B, 2, P, T)
+    out = []
+    for f in range(len(fractions)):
+        sample = torch.arange(len(src), device=src.device).repeat_interleave(2)
+        u_sample, u_keep, inverse = _unique_copies(sample, keep[:, :, f].reshape(-1, keep.shape[-1]))
+        decoded = torch.full((len(u_sample), max_len), model.pad_id, dtype=torch.long, device=src.device)
+        lengths = u_keep.sum(-1) if mode == "mask" else src_mask[u_sample].sum(-1)
+        done = 0
+        for group in _batches(lengths.cpu(), budget):
+            group = torch.tensor(group, device=src.device)
+            x, mask, positions = perturbed_inputs(src, src_mask, u_sample[group], u_keep[group], mode)
+            tokens = greedy_decode(model, x, mask, max_len, memory=model.encode(x, mask, positions))
+            decoded[group, :tokens.shape[1]] = tokens
+            done += len(group)
+            if progress:
+                progress(f, done, len(u_sample))
+        out.append(decoded[inverse].view(len(src), 2, max_len))
+    return torch.stack(out, 2)
+
+
+def auc(curves, fractions=FRACTIONS):
+    """Area under score-vs-fraction curves (..., P), trapezoid rule, x 100: Chefer's convention, with the
+    clean score at fraction 0, so a score of 1 throughout 0..0.9 gives 90."""
+    y = torch.as_tensor(curves, dtype=torch.float64)
+    p = torch.tensor(fractions, dtype=torch.float64)
+    return ((y[..., 1:] + y[..., :-1]) / 2 * p.diff()).sum(-1) * 100
+
+
+def bootstrap(statistic, count, resamples=1000, level=0.95, seed=0):
+    """Percentile bootstrap over `count` samples: statistic(weights) -> (R,) values of the statistic on R
+    resamples, where weights (R, count) float64 says how often each sample was drawn (a mean is
+    `weights @ values / count`; a corpus statistic is a weighted sum). Returns the (low, high) interval; the
+    same seed draws the same resamples, so intervals of differences between methods are paired."""
+    g = torch.Generator().manual_seed(seed)
+    drawn = torch.randint(count, (resamples, count), generator=g)
+    weights = torch.zeros(resamples, count, dtype=torch.float64).scatter_add_(
+        1, drawn, torch.ones(resamples, count, dtype=torch.float64))
+    values = torch.as_tensor(statistic(weights), dtype=torch.float64)
+    tail = (1 - level) / 2
+    return float(values.quantile(tail)), float(values.quantile(1 - tail))

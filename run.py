@@ -7,6 +7,8 @@
     python run.py eval runs/<name> [--split test]
     python run.py extract [RUN] [--methods all]   # attention maps, CTC posteriors and every relevance method
     python run.py bench [RUN] [--limit 20]        # batched explanations vs the per-token loop
+    python run.py plot [RUN] --sample N | --all   # the SignAttention figures
+    python run.py perturb [RUN] [--level token|sentence] [--perturb-mode mask|zero] [--limit K]
 
 This is the only module that parses arguments, lays out run folders and prints progress.
 """
@@ -497,7 +499,8 @@ def extract_samples(args, log, only=None):
                                f"0..{len(dataset) - 1}")
         batches = [list(only)]
     total = sum(len(b) for b in batches)
-    start, done = time.time(), 0
+    work = lambda indices: sum(len(dataset.records[i].frames) for i in indices)     # batches grow longer
+    total_work, start, done, done_work = work(sum(batches, [])), time.time(), 0, 0
     for indices in batches:
         batch = to(dataset.batch(indices), device)
         src, mask = batch["src"], batch["src_mask"]
@@ -536,9 +539,10 @@ def extract_samples(args, log, only=None):
                 relevance={m: rel[b, :n, :T].cpu().clone() for m, (rel, _) in relevance.items()},
                 token_relevance={m: tok[b, :n, :n].cpu().clone() for m, (_, tok) in relevance.items()
                                  if tok is not None})
-        done += len(indices)
-        rate = done / (time.time() - start)
-        log(f"extract {args.split}: {done}/{total} samples  {rate:.2f} samples/s  ETA {format_time((total - done) / rate)}")
+        done, done_work = done + len(indices), done_work + work(indices)
+        spent = time.time() - start
+        log(f"extract {args.split}: {done}/{total} samples  {done / spent:.2f} samples/s  "
+            f"ETA {format_time(spent * (total_work - done_work) / done_work)}")
     meta = dict(run=run_dir, split=args.split, epoch=state["epoch"], methods=methods, beam=beam,
                 data_config=state["data_config"], gloss_vocab=state["gloss_vocab"], target=dataset.cfg.target,
                 target_vocab=target.itos, ctc_trained=train_cfg.ctc_weight > 0,
@@ -1018,6 +1022,315 @@ def plot(args):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Faithfulness (perturbation tests) and plausibility
+# ----------------------------------------------------------------------------------------------------
+
+def perturb_samples(args, run_dir, state, dataset, methods, log):
+    """The extraction samples (tokens, relevance) of the first --limit samples of the split: from the run's
+    extraction where it holds them for this checkpoint, else explained now (and saved as the extraction
+    when it is the whole split and no extraction file exists)."""
+    count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
+    path = os.path.join(run_dir, f"extract_{args.split}.pt")
+    if os.path.exists(path):
+        data = torch.load(path, weights_only=True)
+        meta, samples = data["meta"], data["samples"]
+        held = [s["id"] for s in samples[:count]] == [r.id for r in dataset.records[:count]]
+        if meta["epoch"] == state["epoch"] and set(methods) <= set(meta["methods"]) and held:
+            log(f"relevance from {path}")
+            data["samples"] = samples[:count]
+            return data
+        why = ("an earlier checkpoint" if meta["epoch"] != state["epoch"] else
+               "other methods" if not set(methods) <= set(meta["methods"]) else "other samples")
+        log(f"{path} holds {why}: explaining {count} samples now")
+    options = argparse.Namespace(**{**vars(args), "run": run_dir, "methods": ",".join(methods), "batch_size": 16,
+                                    "limit": count, "beam": None})
+    data = extract_samples(options, log)
+    data["samples"] = data["samples"][:count]
+    if count == len(dataset) and not os.path.exists(path):
+        sa.save_checkpoint(path, data)
+        log(f"wrote {path} (`python run.py plot` reads it)")
+    return data
+
+
+class Progress:
+    """Method, fraction and how long the rest should take: one line rewritten in place on a terminal, else a
+    line every 10 seconds and at the end of each method."""
+
+    def __init__(self, methods, level, log):
+        self.methods, self.level, self.log = methods, level, log
+        self.start, self.method_start, self.index = time.time(), None, -1
+        self.tty, self.printed = sys.stdout.isatty(), 0.0
+
+    def begin(self, method):
+        self.index += 1
+        self.method, self.method_start = method, time.time()
+
+    def __call__(self, f, done, total):
+        P = len(explain.FRACTIONS)
+        share = (f + done / total) / P                                     # of this method
+        spent = time.time() - self.method_start
+        per_method = (time.time() - self.start) / (self.index + share)
+        eta = spent / share * (1 - share) + per_method * (len(self.methods) - self.index - 1)
+        line = (f"perturb {self.level}  {self.method:<24} ({self.index + 1}/{len(self.methods)})  fraction "
+                f"{explain.FRACTIONS[f]:.1f}  {done}/{total} inputs  ETA {format_time(eta)}")
+        last = done == total and f == P - 1
+        if self.tty:
+            print("\r" + line.ljust(100), end="\n" if last else "", flush=True)
+        elif last or time.time() - self.printed >= 10:
+            self.log(line)
+            self.printed = time.time()
+
+
+def sentence_scores(decoded, references, target):
+    """Token accuracy of each perturbed greedy decoding against the clean one (fraction 0), position by
+    position up to the clean EOS, and sacrebleu's BLEU statistics against the reference: (B, 2, P) and
+    (B, 2, P, 10)."""
+    clean = decoded[:, 0, 0]                                                 # (B, L)
+    length = ((clean != sa.Vocabulary.pad_id).sum(-1)).clamp(min=1)
+    valid = torch.arange(clean.shape[1]) < length[:, None]
+    accuracy = ((decoded == clean[:, None, None]) & valid[:, None, None]).sum(-1) / length[:, None, None]
+    stats = [[[sa.bleu_statistics(" ".join(target.decode(ids)), ref) for ids in row] for row in rows]
+             for rows, ref in zip(decoded.tolist(), references)]
+    return accuracy.double(), torch.tensor(stats, dtype=torch.float64)
+
+
+def perturb(args):
+    """Positive/negative perturbation AUC of each method with 95% bootstrap intervals, random as control,
+    and the pointing game and relevance mass in the true segments where alignments exist."""
+    log = lambda msg: print(msg, flush=True)
+    start = time.time()
+    if args.limit is not None and args.limit < 1:
+        raise sa.DataError(f"--limit {args.limit}: give at least 1 sample")
+    if args.bootstrap < 10:
+        raise sa.DataError(f"--bootstrap {args.bootstrap}: give at least 10 resamples")
+    methods = method_list(args.methods)
+    methods += [] if "random" in methods else ["random"]
+    run_dir, model, dataset, train_cfg, state, device = open_run(args, log)
+    data = perturb_samples(args, run_dir, state, dataset, methods, log)
+    samples, meta = data["samples"], data["meta"]
+    B = len(samples)
+    if not B:
+        raise sa.DataError(f"{run_dir}: the {args.split} split has no sample to evaluate")
+    target = dataset.target_vocab
+    batch = to(dataset.batch(list(range(B))), device)
+    src, mask = batch["src"], batch["src_mask"]
+    for b, s in enumerate(samples):
+        if s["frames"] != int(mask[b].sum()):
+            raise sa.DataError(f"{run_dir}/extract_{args.split}.pt: sample {s['id']} has {s['frames']} frames, the data "
+                               f"{int(mask[b].sum())} (extracted from other data? run `python run.py extract` again)")
+    n, T = max(len(s["tokens"]) for s in samples), src.shape[1]
+    out = torch.full((B, n), target.pad_id, dtype=torch.long)
+    for b, s in enumerate(samples):
+        out[b, :len(s["tokens"])] = torch.tensor([target.stoi[w] for w in s["tokens"]])
+    out = out.to(device)
+    references = [" ".join(s[f"{meta['target']}_reference"]) for s in samples]
+    seed = 0 if args.seed is None else args.seed
+    progress = Progress(methods, args.level, log)
+    log(f"{run_dir}: {B} {args.split} samples, {len(methods)} methods, {args.level} level, frames removed by "
+        f"{'the key mask' if args.perturb_mode == 'mask' else 'zeroing'}, fractions 0..0.9")
+    curves, stats = {}, {}
+    for method in methods:
+        R = torch.zeros(B, n, T)
+        for b, s in enumerate(samples):
+            rel = s["relevance"][method].float()
+            R[b, :rel.shape[0], :rel.shape[1]] = rel
+        progress.begin(method)
+        if args.level == "token":
+            scores = explain.token_perturbation(model, src, mask, out, R.to(device), mode=args.perturb_mode,
+                                                seed=seed, progress=progress)
+            curves[method] = scores.nanmean(1).double().cpu()                # (B, 2, P): mean over tokens
+        else:
+            decoded = explain.sentence_perturbation(model, src, mask, R.to(device), out != target.pad_id,
+                                                    dataset.cfg.max_tokens + 1, mode=args.perturb_mode, seed=seed,
+                                                    progress=progress)
+            curves[method], stats[method] = sentence_scores(decoded.cpu(), references, target)
+    plausibility = plausibility_of(data, args.data or run_config(run_dir)["data_path"], methods)
+    rows = perturb_table(curves, stats, plausibility, args.bootstrap, seed)
+    stem = os.path.join(run_dir, f"perturb_{args.split}_{args.level}" + ("_zero" if args.perturb_mode == "zero" else "")
+                        + (f"_first{B}" if B < len(dataset) else ""))
+    written = write_perturb(stem, rows, curves, stats, args, B)
+    written.append(plot_curves(stem, curves, stats, rows, args, B))
+    log(markdown_table(rows, args.level))
+    log(verdict(rows))
+    for path in written:
+        log(path)
+    log(f"perturbation tests of {len(methods)} methods on {B} samples in {format_time(time.time() - start)}")
+
+
+def plausibility_of(data, data_path, methods):
+    """{method: (pointing-game hits, relevance mass in the segment)} over the gloss occurrences with a true
+    segment and a token that realises them; {} where the data has no alignments."""
+    alignments, links = segment_sources(data, data_path)
+    if not alignments:
+        return {}
+    meta = data["meta"]
+    out = {m: ([], []) for m in methods}
+    for s in data["samples"]:
+        segments = token_segments(s, alignments.get(s["id"], []), meta["data_config"]["subsample"], meta["target"],
+                                  links)
+        for m in methods:
+            out[m][0].extend(explain.pointing_game(s["relevance"][m], segments))
+            out[m][1].extend(explain.segment_mass(s["relevance"][m], segments))
+    return {m: (torch.tensor(h, dtype=torch.float64), torch.tensor(v, dtype=torch.float64)) for m, (h, v) in out.items()}
+
+
+def perturb_table(curves, stats, plausibility, resamples, seed):
+    """One row per method: each measure as (mean, low, high) with a 95% bootstrap interval over samples
+    (occurrences for plausibility), and the tests on which it beats random: the paired interval of its
+    difference to random excludes 0 on the better side. The resamples are shared by all methods (paired)."""
+    AUC = {m: explain.auc(c) for m, c in curves.items()}                   # (B, 2) per sample
+    B = len(next(iter(curves.values())))
+    mean = lambda values: (lambda w: w @ values / len(values))
+
+    def corpus_bleu(s, d):
+        def statistic(w):
+            summed = (w @ s.reshape(len(s), -1)).reshape(len(w), *s.shape[1:])
+            return explain.auc(sa.bleu_from_statistics(summed.numpy())[:, d] / 100)
+        return statistic
+
+    def measure(statistic, count, point):
+        return (point, *explain.bootstrap(statistic, count, resamples, seed=seed))
+
+    rows = []
+    for m in curves:
+        row, better = dict(method=m), []
+        for d, direction in enumerate(explain.DIRECTIONS):
+            row[direction] = measure(mean(AUC[m][:, d]), B, float(AUC[m][:, d].mean()))
+            low, high = explain.bootstrap(mean(AUC[m][:, d] - AUC["random"][:, d]), B, resamples, seed=seed)
+            if (high < 0) if direction == "positive" else (low > 0):
+                better.append(direction)
+            if stats:
+                s = stats[m]
+                point = float(explain.auc(sa.bleu_from_statistics(s.sum(0).numpy())[d] / 100))
+                row[f"bleu_{direction}"] = measure(corpus_bleu(s, d), B, point)
+                r = stats["random"]
+                low, high = explain.bootstrap(lambda w: corpus_bleu(s, d)(w) - corpus_bleu(r, d)(w), B, resamples,
+                                              seed=seed)
+                if (high < 0) if direction == "positive" else (low > 0):
+                    better.append(f"BLEU {direction}")
+        if plausibility:
+            (hits, mass), (random_hits, _) = plausibility[m], plausibility["random"]
+            O = len(hits)
+            row["occurrences"] = O
+            if O:
+                row["pointing"] = measure(mean(100 * hits), O, float(100 * hits.mean()))
+                row["mass"] = measure(mean(100 * mass), O, float(100 * mass.mean()))
+                if explain.bootstrap(mean(hits - random_hits), O, resamples, seed=seed)[0] > 0:
+                    better.append("pointing")
+        row["beats_random"] = better if m != "random" else None
+        rows.append(row)
+    return rows
+
+
+MEASURES = dict(token=[("positive", "positive AUC (lower is better)"), ("negative", "negative AUC (higher is better)")],
+                sentence=[("positive", "positive AUC, token accuracy (lower is better)"),
+                          ("negative", "negative AUC, token accuracy (higher is better)"),
+                          ("bleu_positive", "positive AUC, BLEU-4 / 100 (lower is better)"),
+                          ("bleu_negative", "negative AUC, BLEU-4 / 100 (higher is better)")])
+PLAUSIBILITY = [("pointing", "pointing game % (higher is better)"), ("mass", "mass in the segment % (higher is better)")]
+
+
+def table_columns(rows, level):
+    return MEASURES[level] + ([c for c in PLAUSIBILITY if c[0] in rows[0]] if rows else [])
+
+
+def markdown_table(rows, level):
+    columns = table_columns(rows, level)
+    cell = lambda v: f"{v[0]:.1f} [{v[1]:.1f}, {v[2]:.1f}]"
+    lines = ["| method | " + " | ".join(title for _, title in columns) + " | beats random on |",
+             "|---|" + "---|" * (len(columns) + 1)]
+    for r in rows:
+        beats = "(control)" if r["beats_random"] is None else ", ".join(r["beats_random"]) or "none"
+        lines.append(f"| {r['method']} | " + " | ".join(cell(r[k]) if k in r else "-" for k, _ in columns)
+                     + f" | {beats} |")
+    return "\n".join(lines)
+
+
+def verdict(rows):
+    """Which methods beat random on both perturbation tests, and on plausibility."""
+    both = [r["method"] for r in rows if r["beats_random"] and {"positive", "negative"} <= set(r["beats_random"])]
+    plausible = [r["method"] for r in rows if r["beats_random"] and "pointing" in r["beats_random"]]
+    text = "beat random on both perturbation tests (paired 95% bootstrap): " + (", ".join(both) or "none")
+    if "pointing" in rows[0]:
+        text += "\nbeat random on the pointing game: " + (", ".join(plausible) or "none")
+    return text
+
+
+def write_perturb(stem, rows, curves, stats, args, count):
+    """The table as CSV and Markdown, and the mean curves as CSV."""
+    columns = table_columns(rows, args.level)
+    header = ["method"] + [f"{k}{suffix}" for k, _ in columns for suffix in ("", "_low", "_high")]
+    header += ["occurrences"] * ("occurrences" in rows[0]) + ["beats_random"]
+
+    def table(f):
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(header)
+        for r in rows:
+            values = [f"{v:.4f}" for k, _ in columns for v in r.get(k, (float("nan"),) * 3)]
+            w.writerow([r["method"]] + values + [r["occurrences"]] * ("occurrences" in r)
+                       + ["control" if r["beats_random"] is None else " ".join(r["beats_random"])])
+
+    def markdown(f):
+        f.write(f"# Perturbation tests: {args.level} level, {count} {args.split} samples, frames removed by "
+                f"{'the key mask' if args.perturb_mode == 'mask' else 'zeroing'}\n\n"
+                "Mean over samples with a 95% bootstrap interval; AUC of the score against the fraction of frames "
+                "removed (0 to 0.9, x 100, so 90 at most).\n\n")
+        f.write(markdown_table(rows, args.level) + "\n\n" + verdict(rows) + "\n")
+
+    def mean_curves(f):
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["method", "direction", "fraction", "score"] + ["bleu4"] * bool(stats))
+        for m, c in curves.items():
+            for d, direction in enumerate(explain.DIRECTIONS):
+                bleu = sa.bleu_from_statistics(stats[m].sum(0).numpy())[d] if stats else None
+                for f_, p in enumerate(explain.FRACTIONS):
+                    w.writerow([m, direction, p, f"{float(c[:, d, f_].mean()):.4f}"]
+                               + ([f"{bleu[f_]:.2f}"] if stats else []))
+
+    written = []
+    for suffix, write in ((".csv", table), (".md", markdown), ("_curves.csv", mean_curves)):
+        buffer = io.StringIO()
+        write(buffer)
+        path = stem + suffix
+        sa.atomic_write(path, lambda f: f.write(buffer.getvalue().encode("utf-8")))
+        written.append(path)
+    return written
+
+
+def plot_curves(stem, curves, stats, rows, args, count):
+    """Score against the fraction of frames removed, one line per method, the random control dashed."""
+    plt = pyplot()
+    panels = [("score", d) for d in range(2)] + ([("bleu", d) for d in range(2)] if stats else [])
+    fig, axes = plt.subplots(len(panels) // 2, 2, figsize=(12, 4.4 * len(panels) // 2), squeeze=False,
+                             layout="constrained")
+    x = 100 * np.array(explain.FRACTIONS)
+    colors = plt.get_cmap("tab20")
+    by_method = {r["method"]: r for r in rows}
+    for ax, (what, d) in zip(axes.flat, panels):
+        direction = explain.DIRECTIONS[d]
+        key = direction if what == "score" else f"bleu_{direction}"
+        for m in curves:
+            y = (curves[m][:, d].mean(0).numpy() if what == "score"
+                 else sa.bleu_from_statistics(stats[m].sum(0).numpy())[d])
+            style = dict(color="black", linestyle="--", linewidth=1.8) if m == "random" else dict(
+                color=colors(explain.METHODS.index(m) % 20), linewidth=1.3)
+            ax.plot(x, y, marker="o", markersize=3, label=f"{m} ({by_method[m][key][0]:.1f})", **style)
+        ylabel = ("token still ranked first" if args.level == "token" else "token accuracy vs clean decoding")
+        ax.set_ylabel(ylabel if what == "score" else "BLEU-4 vs reference")
+        ax.set_xlabel(f"frames removed ({'most' if d == 0 else 'least'} relevant first), %")
+        ax.set_xlim(0, 90)
+        ax.set_ylim(0, 1.02 if what == "score" else 100)
+        ax.set_title(f"{direction} perturbation ({'lower' if d == 0 else 'higher'} AUC is better)", fontsize=10)
+        ax.legend(fontsize=7, title="method (AUC)", title_fontsize=7, ncol=2)
+    fig.suptitle(f"Perturbation tests, {args.level} level: {count} {args.split} samples, frames removed by "
+                 f"{'the key mask' if args.perturb_mode == 'mask' else 'zeroing'}", fontsize=11)
+    path = f"{stem}.{args.format}"
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------
 
@@ -1064,23 +1377,36 @@ def parser():
         x.add_argument("--limit", type=int, default=20 if name == "bench" else None, help="first K samples only")
         if name == "extract":
             x.add_argument("--beam", type=int, help="beam size of the decoding (default: the run's)")
-    pl = sub.add_parser("plot", help="draw the SignAttention figures from the extraction (made if missing)")
-    pl.add_argument("run", nargs="?", help="run folder (default: the most recent under runs/)")
-    pl.add_argument("--data", help="dataset folder, for the pose files (default: the run's)")
-    pl.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to extract if needed")
-    pl.add_argument("--skip-bad", action="store_true", help="skip bad samples when extracting")
-    pl.add_argument("--split", choices=sa.SPLITS, default="test", help="split whose extraction to draw")
+    figures = argparse.ArgumentParser(add_help=False)       # the modes that draw: --format is the figure type
+    figures.add_argument("run", nargs="?", help="run folder (default: the most recent under runs/)")
+    figures.add_argument("--data", help="dataset folder (default: the run's)")
+    figures.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to compute")
+    figures.add_argument("--skip-bad", action="store_true", help="skip bad samples with a warning when explaining")
+    figures.add_argument("--split", choices=sa.SPLITS, default="test", help="split to draw or evaluate")
+    figures.add_argument("--format", dest="format", choices=("png", "pdf", "svg"), default="png", help="figure file type")
+    pl = sub.add_parser("plot", parents=[figures],
+                        help="draw the SignAttention figures from the extraction (made if missing)")
     pl.add_argument("--sample", type=int, default=0, help="index of the sample in the extraction")
     pl.add_argument("--all", action="store_true", help="the global analyses over the whole split")
     pl.add_argument("--animate", action="store_true", help="also a GIF of the skeleton with attention bars")
-    pl.add_argument("--format", dest="format", choices=("png", "pdf", "svg"), default="png", help="figure file type")
+    pe = sub.add_parser("perturb", parents=[figures],
+                        help="perturbation tests (faithfulness) and pointing game (plausibility)")
+    pe.add_argument("--methods", default="all", help="comma-separated methods, or all (random is always added)")
+    pe.add_argument("--level", choices=("token", "sentence"), default="token",
+                    help="token: is each teacher-forced token still first; sentence: greedy decoding, accuracy, BLEU")
+    pe.add_argument("--perturb-mode", choices=explain.MODES, default="mask",
+                    help="mask: removed frames leave the encoder's key mask; zero: they are replaced by zeros")
+    pe.add_argument("--limit", type=int, help="first K samples only (a quick table)")
+    pe.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the 95%% intervals")
+    pe.add_argument("--seed", type=int, help="seed of the tie-breaking and the bootstrap (default 0)")
     return p
 
 
 def main(argv=None):
     args = parser().parse_args(argv)
     try:
-        {"train": train, "eval": eval_mode, "extract": extract, "bench": bench, "plot": plot}[args.mode](args)
+        {"train": train, "eval": eval_mode, "extract": extract, "bench": bench, "plot": plot,
+         "perturb": perturb}[args.mode](args)
     except sa.DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

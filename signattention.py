@@ -17,6 +17,7 @@ import math
 import os
 import pickle
 import shutil
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -942,9 +943,13 @@ class SignTranslator(nn.Module):
                 module.keep, module.attention = keep, None
         return self
 
-    def encode(self, src, src_mask):
-        """src (B, T, F), src_mask (B, T) -> memory (B, T, C)."""
-        x = self.embed(src) + sinusoid(src.shape[1], self.cfg.d_model, src.device)
+    def encode(self, src, src_mask, positions=None):
+        """src (B, T, F), src_mask (B, T) -> memory (B, T, C). positions (B, T) long: each frame's index in
+        its video (default 0..T-1), so that frames can be dropped and the rest keep their positional encoding."""
+        if positions is None:
+            x = self.embed(src) + sinusoid(src.shape[1], self.cfg.d_model, src.device)
+        else:
+            x = self.embed(src) + sinusoid(int(positions.max()) + 1, self.cfg.d_model, src.device)[positions]
         x = self.pos_drop(x)
         mask = src_mask[:, None, :]
         for layer in self.encoder:
@@ -1069,6 +1074,35 @@ def bleu(hypotheses, references):
         scores[f"bleu{n}"] = metric.corpus_score(hypotheses, [references]).score
         signature = str(metric.get_signature())
     return scores, signature
+
+
+def bleu_statistics(hypothesis, reference, order=4):
+    """sacrebleu's sufficient statistics of one whitespace-tokenised sentence pair: [hypothesis length,
+    reference length, clipped n-gram matches for n = 1..order, hypothesis n-grams for n = 1..order]."""
+    h, r = hypothesis.split(), reference.split()
+    matches, totals = [], []
+    for n in range(1, order + 1):
+        hyp = Counter(tuple(h[i:i + n]) for i in range(len(h) - n + 1))
+        ref = Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
+        matches.append(sum(min(c, ref[g]) for g, c in hyp.items()))
+        totals.append(max(len(h) - n + 1, 0))
+    return [len(h), len(r)] + matches + totals
+
+
+def bleu_from_statistics(stats, order=4):
+    """Corpus BLEU from summed bleu_statistics (..., 2 + 2 order), vectorised over the leading axes: the
+    formula of sacrebleu's corpus_score (its default 'exp' smoothing), so that a bootstrap over sentences
+    can resum statistics instead of re-tokenising."""
+    stats = np.asarray(stats, dtype=np.float64)
+    hyp_len, ref_len = stats[..., 0], stats[..., 1]
+    correct, total = stats[..., 2:2 + order], stats[..., 2 + order:2 + 2 * order]
+    halvings = np.cumsum(correct == 0, -1)                        # exp smoothing: 1/2, 1/4, .. per zero order
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(correct > 0, correct / total, 1.0 / (2.0 ** halvings * total))
+        brevity = np.where(hyp_len >= ref_len, 1.0, np.exp(1 - ref_len / hyp_len))
+        score = 100 * brevity * np.exp(np.log(precision).mean(-1))
+    defined = (total > 0).all(-1) & (correct > 0).any(-1) & (hyp_len > 0)
+    return np.where(defined, score, 0.0)
 
 
 def chrf(hypotheses, references):

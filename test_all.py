@@ -1080,3 +1080,199 @@ def test_gloss_target_run_without_a_ctc_head(tiny_gsl, tmp_path):
     result = run(["plot", "g", "--sample", "0"], str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "gloss posterior figure skipped" in result.stdout and not (tmp_path / "g" / "sample0_gloss_posteriors.png").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# perturb: faithfulness and plausibility
+# ----------------------------------------------------------------------------------------------------
+
+class EvidenceModel(torch.nn.Module):
+    """A constructed model whose output depends only on known frames: every position's logits are the
+    class evidence (one-hot features) summed over the frames left, plus 0.5 for a fallback token, so it
+    writes the evidence's class while one evidence frame remains and the fallback once all are gone."""
+    pad_id, bos_id, eos_id, fallback = 0, 2, 3, 4
+
+    def encode(self, src, src_mask, positions=None):
+        return src * src_mask[..., None]
+
+    def decode(self, memory, src_mask, tgt_in):
+        evidence = (memory * src_mask[..., None]).sum(1)                     # (B, V)
+        logits = evidence[:, None, :].repeat(1, tgt_in.shape[1], 1)
+        logits[..., self.fallback] += 0.5
+        return logits
+
+
+def evidence_batch(B=24, T=40, V=8, seed=0):
+    """Each sample: 3 evidence frames of class 6 at random places among T; outputs [6, 6]."""
+    g = torch.Generator().manual_seed(seed)
+    src, evidence = torch.zeros(B, T, V), torch.zeros(B, T, dtype=torch.bool)
+    for b in range(B):
+        where = torch.randperm(T, generator=g)[:3]
+        src[b, where, 6] = 1.0
+        evidence[b, where] = True
+    mask = torch.ones(B, T, dtype=torch.bool)
+    return src, mask, torch.full((B, 2), 6), evidence
+
+
+@pytest.mark.parametrize("mode", ex.MODES)
+def test_relevance_on_the_evidence_beats_random(mode):
+    model = EvidenceModel()
+    src, mask, out, evidence = evidence_batch()
+    on_evidence = evidence[:, None].float().expand(-1, 2, -1)
+    random = torch.rand(out.shape + (40,), generator=torch.Generator().manual_seed(1))
+    auc = {}
+    for name, R in (("evidence", on_evidence), ("random", random)):
+        scores = ex.token_perturbation(model, src, mask, out, R, mode=mode)
+        assert (scores[..., 0] == 1).all()                                    # the clean input is right
+        auc[name] = ex.auc(scores.mean(1))                                    # (B, 2) per sample
+    # 4 of 40 frames removed at p = 0.1 take all 3 evidence frames: 1 at p = 0, then 0 -> AUC 5
+    assert torch.allclose(auc["evidence"][:, 0], torch.full((24,), 5.0, dtype=torch.float64))
+    # removing the least relevant first leaves the evidence to the end (4 frames remain at 0.9): AUC 90
+    assert torch.allclose(auc["evidence"][:, 1], torch.full((24,), 90.0, dtype=torch.float64))
+    # random removal takes all three only late (expected AUC 74.0 both ways): worse on every sample
+    assert (auc["evidence"][:, 0] <= auc["random"][:, 0]).all() and (auc["evidence"][:, 1] >= auc["random"][:, 1]).all()
+    assert auc["evidence"][:, 0].mean() < auc["random"][:, 0].mean() - 10
+    assert auc["evidence"][:, 1].mean() > auc["random"][:, 1].mean() + 10
+
+
+def test_auc_convention_and_bootstrap():
+    P = len(ex.FRACTIONS)
+    assert ex.FRACTIONS[0] == 0 and abs(ex.FRACTIONS[-1] - 0.9) < 1e-12
+    assert float(ex.auc(torch.ones(P))) == pytest.approx(90.0)                    # the maximum
+    assert float(ex.auc(torch.tensor([1.0] + [0.0] * (P - 1)))) == pytest.approx(5.0)   # the clean score counts
+    assert float(ex.auc(1 - torch.tensor(ex.FRACTIONS))) == pytest.approx(100 * (0.9 - 0.9 ** 2 / 2))
+    values = torch.tensor(np.random.default_rng(0).exponential(10.0, 200))
+    mean = lambda w: w @ values / len(values)
+    low, high = ex.bootstrap(mean, len(values), resamples=2000)
+    assert low < float(values.mean()) < high and high - low < 0.5 * float(values.std())
+    assert ex.bootstrap(mean, len(values), resamples=2000) == (low, high)          # seeded
+    wide = ex.bootstrap(lambda w: w @ values[:20] / 20, 20, resamples=2000)
+    assert wide[1] - wide[0] > high - low                                          # fewer samples, wider
+
+
+def test_kept_frames_and_tie_breaking():
+    mask = torch.zeros(5, 12, dtype=torch.bool)
+    for b, T in enumerate((1, 2, 3, 10, 12)):
+        mask[b, :T] = True
+    relevance = torch.arange(12, 0, -1).float().expand(5, 12)                  # frame 0 most relevant
+    keep = ex.kept_frames(ex.removal_ranks(relevance, mask), mask)              # (5, 2, P, 12)
+    real = mask.sum(-1)
+    for b in range(5):
+        for f, p in enumerate(ex.FRACTIONS):
+            removed = min(int(np.floor(p * int(real[b]) + 1e-9)), int(real[b]) - 1)
+            for d in range(2):
+                kept = keep[b, d, f]
+                assert int(kept.sum()) == int(real[b]) - removed >= 1 and not (kept & ~mask[b]).any()
+            assert keep[b, 0, f, :int(real[b])].tolist() == [i >= removed for i in range(int(real[b]))]
+            assert keep[b, 1, f, :int(real[b])].tolist() == [i < int(real[b]) - removed for i in range(int(real[b]))]
+    flat = ex.removal_ranks(torch.zeros(1, 100), torch.ones(1, 100, dtype=torch.bool))
+    assert sorted(flat[0].tolist()) == list(range(100)) and flat[0].tolist() != list(range(100))
+    assert torch.equal(flat, ex.removal_ranks(torch.zeros(1, 100), torch.ones(1, 100, dtype=torch.bool)))
+    with pytest.raises(ValueError, match="NaN"):
+        ex.removal_ranks(torch.tensor([[0.0, float("nan")]]), torch.ones(1, 2, dtype=torch.bool))
+
+
+def removed_by_hand(relevance, real, p, direction):
+    """The frames that the definition removes: floor(p T) of the real frames (T - 1 at most), by relevance."""
+    order = real[relevance[real].argsort(descending=True)]
+    k = min(int(np.floor(p * len(real) + 1e-9)), len(real) - 1)
+    return order[:k] if direction == 0 else order[len(real) - k:]
+
+
+@pytest.mark.parametrize("mode", ex.MODES)
+def test_batched_perturbation_equals_one_forward_per_copy(mode):
+    """Every token, direction and fraction by itself, frames removed through the key mask (or zeroed) of the
+    full-length input, against the deduplicated, shortened, batched runs."""
+    model = small_model()
+    with torch.no_grad():                           # make the random model's output depend on the frames
+        model.embed[2].weight.mul_(10)
+        for layer in model.decoder:
+            layer.cross_attention.value.weight.mul_(10)
+        model.head.bias[model.eos_id] -= 3
+    src, mask, _ = random_batch(B=3, T=11)
+    mask[0, 4] = False                                                       # a hole
+    out = sa.greedy_decode(model, src, mask, 6)
+    R = torch.rand(out.shape + (11,), generator=torch.Generator().manual_seed(3))
+    scores = ex.token_perturbation(model, src, mask, out, R, mode=mode, budget=40)
+    rows = out != model.pad_id
+    decoded = ex.sentence_perturbation(model, src, mask, R, rows, 6, mode=mode, budget=40)
+    tgt_in = torch.cat([torch.full_like(out[:, :1], model.bos_id), out[:, :-1]], 1)
+    flips = 0
+    for b in range(3):
+        real = mask[b].nonzero().flatten()
+        Rs = R[b] * rows[b, :, None]
+        sentence = (Rs / Rs.abs().sum(-1, keepdim=True).clamp(min=1e-12)).sum(0)
+        for f, p in enumerate(ex.FRACTIONS):
+            for d in range(2):
+                def inputs(removed):
+                    if mode == "mask":
+                        keep = mask[b].clone()
+                        keep[removed] = False
+                        return src[b:b + 1], keep[None]
+                    x = src[b:b + 1].clone()
+                    x[0, removed] = 0
+                    return x, mask[b:b + 1]
+                for t in range(int(rows[b].sum())):
+                    x, m = inputs(removed_by_hand(R[b, t], real, p, d))
+                    logits = model(x, m, tgt_in[b:b + 1])[0, t]
+                    logits[[model.pad_id, model.bos_id]] = float("-inf")
+                    assert scores[b, t, d, f] == float(logits.argmax() == out[b, t])
+                    flips += int(logits.argmax() != out[b, t])
+                x, m = inputs(removed_by_hand(sentence, real, p, d))
+                greedy = sa.greedy_decode(model, x, m, 6)[0]
+                assert decoded[b, d, f, :len(greedy)].tolist() == greedy.tolist()
+                assert (decoded[b, d, f, len(greedy):] == model.pad_id).all()
+        assert torch.isnan(scores[b, int(rows[b].sum()):]).all()
+    assert flips > 20 and (decoded != decoded[:, :1, :1]).any(-1).sum() > 10     # the removals change outputs
+
+
+def test_bleu_statistics_equal_sacrebleu():
+    from sacrebleu.metrics import BLEU
+    rng = np.random.default_rng(0)
+    words = "a b c d e f".split()
+    sentence = lambda lo: " ".join(rng.choice(words, rng.integers(lo, 7)))
+    for _ in range(200):
+        N = int(rng.integers(1, 6))
+        refs, hyps = [sentence(1) for _ in range(N)], [sentence(0) for _ in range(N)]
+        stats = np.sum([sa.bleu_statistics(h, r) for h, r in zip(hyps, refs)], 0)
+        expected = BLEU(tokenize="none").corpus_score(hyps, [refs]).score
+        assert float(sa.bleu_from_statistics(stats)) == pytest.approx(expected, abs=1e-9)
+
+
+def test_perturb_as_a_user(tiny_run):
+    import shutil
+    cwd, _ = tiny_run
+    os.makedirs(cwd / "p", exist_ok=True)
+    for name in ("best.pt", "config.json"):
+        shutil.copy(cwd / "r" / name, cwd / "p" / name)
+    result = run(["perturb", "p", "--limit", "4", "--methods", "attention,generic", "--bootstrap", "200"], str(cwd))
+    assert result.returncode == 0, result.stderr
+    assert "fraction 0.9" in result.stdout and "ETA" in result.stdout and "beat random" in result.stdout
+    assert not (cwd / "p" / "extract_test.pt").exists()                   # a quick table writes no extraction
+    stem = cwd / "p" / "perturb_test_token_first4"
+    rows = list(csv.DictReader(open(f"{stem}.csv", encoding="utf-8")))
+    assert [r["method"] for r in rows] == ["attention", "generic", "random"]
+    for r in rows:
+        for key in ("positive", "negative", "pointing", "mass"):
+            low, value, high = float(r[f"{key}_low"]), float(r[key]), float(r[f"{key}_high"])
+            assert low <= value <= high and 0 <= value <= (90 if key in ("positive", "negative") else 100)
+    curves = list(csv.DictReader(open(f"{stem}_curves.csv", encoding="utf-8")))
+    assert len(curves) == 3 * 2 * 10
+    assert len({r["score"] for r in curves if float(r["fraction"]) == 0}) == 1        # one clean score
+    assert "| random |" in open(f"{stem}.md", encoding="utf-8").read()
+    assert os.path.getsize(f"{stem}.png") > 20000
+
+    result = run(["perturb", "p", "--methods", "saliency", "--level", "sentence", "--perturb-mode", "zero",
+                  "--bootstrap", "100"], str(cwd))
+    assert result.returncode == 0, result.stderr
+    assert (cwd / "p" / "extract_test.pt").exists()                       # the whole split: kept for plot
+    rows = list(csv.DictReader(open(cwd / "p" / "perturb_test_sentence_zero.csv", encoding="utf-8")))
+    assert [r["method"] for r in rows] == ["saliency", "random"] and "bleu_negative_high" in rows[0]
+    for r in rows:
+        for key in ("positive", "negative", "bleu_positive", "bleu_negative"):
+            assert float(r[f"{key}_low"]) <= float(r[key]) <= float(r[f"{key}_high"]) and 0 <= float(r[key]) <= 90
+    again = run(["perturb", "p", "--methods", "saliency", "--bootstrap", "100"], str(cwd))
+    assert again.returncode == 0 and "relevance from" in again.stdout
+    for args, message in ((["--limit", "0"], "--limit"), (["--methods", "nope"], "unknown method(s) nope")):
+        bad = run(["perturb", "p"] + args, str(cwd))
+        assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
