@@ -616,15 +616,25 @@ DIRECTIONS = ("positive", "negative")                 # most relevant removed fi
 MODES = ("mask", "zero")                              # removed through the key mask, or replaced by zeros
 
 
-def removal_ranks(relevance, mask, seed=0):
-    """Rank of each frame by relevance, 0 = most relevant: (..., T) -> (..., T) long. Padded frames rank after
-    the real ones; ties are broken in a random order (seeded), so that a constant row does not remove frames
-    left to right."""
-    if torch.isnan(relevance).any():
-        raise ValueError("relevance holds NaN")
+def _tie_keys(T, salt, seed, device):
+    """Pseudo-random keys (rows, T) from a hash of (frame index, row salt, seed): a tie-breaking order that
+    depends on neither the batch nor the other rows, so a sample's ranks are the same however it is batched."""
+    x = (torch.arange(T, device=device)[None] * 0x9E3779B1 + salt[:, None].long() * 0x85EBCA77 + seed * 0xC2B2AE3D)
+    for shift, multiplier in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):            # murmur3's finaliser, 32 bits
+        x = x & 0xFFFFFFFF
+        x = ((x ^ (x >> shift)) * multiplier) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def removal_ranks(relevance, mask, seed=0, salt=None):
+    """Rank of each frame by relevance, 0 = most relevant: (R, T) -> (R, T) long. Padded frames rank after the
+    real ones; ties are broken in a pseudo-random order (seeded, per row `salt` (R,), e.g. the token position),
+    so that a constant row does not remove frames left to right."""
+    if not torch.isfinite(relevance).all():
+        raise ValueError("relevance holds NaN or infinite values")
     mask = mask.expand_as(relevance)
-    g = torch.Generator().manual_seed(seed)
-    shuffle = torch.rand(relevance.shape, generator=g).argsort(-1).to(relevance.device)
+    salt = torch.zeros(len(relevance), dtype=torch.long, device=relevance.device) if salt is None else salt
+    shuffle = _tie_keys(relevance.shape[-1], salt, seed, relevance.device).argsort(dim=-1)
     key = relevance.double().masked_fill(~mask, float("-inf")).gather(-1, shuffle)
     order = shuffle.gather(-1, key.argsort(dim=-1, descending=True, stable=True))
     ranks = torch.empty_like(order)
@@ -662,33 +672,39 @@ def perturbed_inputs(src, src_mask, sample, keep, mode="mask"):
     return src[sample[:, None], positions] * frames[..., None], frames, positions
 
 
-def _batches(lengths, budget):
-    """Index groups, short copies first, whose padded size (copies x longest) stays within `budget` frames."""
-    order = lengths.argsort().tolist()
-    lengths = lengths.tolist()
-    group, longest = [], 0
-    for i in order:
-        L = lengths[i]
-        if group and (len(group) + 1) * max(longest, L) > budget:
-            yield group
-            group, longest = [], 0
-        group.append(i)
-        longest = max(longest, L)
-    if group:
-        yield group
+class _Removals:
+    """The perturbed inputs of every fraction for copies (sample, keep (P, T)): identical inputs (the same
+    frames of the same sample left) run once, in batches of about `budget` frames, shortest first. Calls
+    progress(fraction index, frames done, frames in all) after each batch."""
 
+    def __init__(self, src, src_mask, sample, keep, mode, budget, progress):
+        self.src, self.src_mask, self.mode, self.budget, self.progress = src, src_mask, mode, budget, progress
+        self.fractions = []                                   # per fraction: distinct samples, keeps, inverse
+        for f in range(keep.shape[1]):
+            key = torch.cat([sample[:, None], keep[:, f].long()], 1)
+            unique, inverse = torch.unique(key, dim=0, return_inverse=True)
+            self.fractions.append((unique[:, 0], unique[:, 1:].bool(), inverse))
+        self.lengths = [k.sum(-1) if mode == "mask" else src_mask[s].sum(-1) for s, k, _ in self.fractions]
+        self.total, self.done = sum(int(L.sum()) for L in self.lengths), 0
 
-def _unique_copies(sample, keep):
-    """Distinct (sample, kept frames) pairs: (sample (U,), keep (U, T)) and, per input copy, its index."""
-    key = torch.cat([sample[:, None], keep.long()], 1)
-    unique, inverse = torch.unique(key, dim=0, return_inverse=True)
-    return unique[:, 0], unique[:, 1:].bool(), inverse
-
-
-def _decodable(logits, model):
-    logits = logits.clone()
-    logits[..., [model.pad_id, model.bos_id]] = float("-inf")
-    return logits
+    def batches(self, f):
+        """(indices into the fraction's distinct inputs, their samples, src, src_mask, positions) per batch."""
+        u_sample, u_keep, _ = self.fractions[f]
+        lengths = self.lengths[f].tolist()
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        group, longest = [], 0
+        for i in order + [None]:
+            if group and (i is None or (len(group) + 1) * max(longest, lengths[i]) > self.budget):
+                index = torch.tensor(group, device=self.src.device)
+                yield (index, u_sample[index], *perturbed_inputs(self.src, self.src_mask, u_sample[index],
+                                                                 u_keep[index], self.mode))
+                self.done += sum(lengths[j] for j in group)
+                if self.progress:
+                    self.progress(f, self.done, self.total)
+                group, longest = [], 0
+            if i is not None:
+                group.append(i)
+                longest = max(longest, lengths[i])
 
 
 @torch.no_grad()
@@ -699,33 +715,27 @@ def token_perturbation(model, src, src_mask, out_tokens, relevance, fractions=FR
     out_tokens[b, t] first at position t. Returns (B, n, 2, P) float: 1 or 0 per token, direction (positive,
     negative) and fraction; NaN on padding tokens. Fraction 0 is the clean input.
 
-    Every removal of one fraction, for all tokens of all samples, is a copy; identical copies (the same frames
-    of the same sample left) are forwarded once, and the copies run in batches of about `budget` frames.
-    `progress(fraction index, copies done, copies of this fraction)` is called after each batch."""
+    Every removal of every token of every sample is an input; identical inputs run once, all fractions of all
+    samples in batches (see _Removals); each batch is decoded only as far as its longest output.
+    `progress(fraction index, frames done, frames in all)` is called after each batch."""
+    from signattention import _decodable
     model.eval()
     B, n = out_tokens.shape
     rows = out_tokens != model.pad_id
     b_idx, t_idx = rows.nonzero(as_tuple=True)
-    ranks = removal_ranks(relevance[b_idx, t_idx], src_mask[b_idx], seed)                  # (N, T)
+    ranks = removal_ranks(relevance[b_idx, t_idx], src_mask[b_idx], seed, salt=t_idx)    # (N, T)
     keep = kept_frames(ranks, src_mask[b_idx], fractions)                                # (N, 2, P, T)
+    removals = _Removals(src, src_mask, b_idx.repeat_interleave(2), keep.flatten(0, 1), mode, budget, progress)
+    token = t_idx.repeat_interleave(2)                                                    # per copy
     tgt_in = torch.cat([torch.full_like(out_tokens[:, :1], model.bos_id), out_tokens[:, :-1]], 1)
     scores = torch.full((B, n, 2, len(fractions)), float("nan"), device=src.device)
     for f in range(len(fractions)):
-        copies = keep[:, :, f].reshape(-1, keep.shape[-1])                                # (N * 2, T)
-        sample, token = b_idx.repeat_interleave(2), t_idx.repeat_interleave(2)
-        u_sample, u_keep, inverse = _unique_copies(sample, copies)
+        u_sample, _, inverse = removals.fractions[f]
         correct = torch.zeros(len(u_sample), n, dtype=torch.bool, device=src.device)
-        lengths = u_keep.sum(-1) if mode == "mask" else src_mask[u_sample].sum(-1)
-        done = 0
-        for group in _batches(lengths.cpu(), budget):
-            group = torch.tensor(group, device=src.device)
-            x, mask, positions = perturbed_inputs(src, src_mask, u_sample[group], u_keep[group], mode)
-            n_group = int(rows[u_sample[group]].sum(-1).max())                  # the group's longest output
-            logits = model.decode(model.encode(x, mask, positions), mask, tgt_in[u_sample[group], :n_group])
-            correct[group, :n_group] = _decodable(logits, model).argmax(-1) == out_tokens[u_sample[group], :n_group]
-            done += len(group)
-            if progress:
-                progress(f, done, len(u_sample))
+        for index, sample, x, mask, positions in removals.batches(f):
+            n_batch = int(rows[sample].sum(-1).max())                                    # the longest output
+            logits = model.decode(model.encode(x, mask, positions), mask, tgt_in[sample, :n_batch])
+            correct[index, :n_batch] = _decodable(logits, model).argmax(-1) == out_tokens[sample, :n_batch]
         scores[b_idx, t_idx, :, f] = correct[inverse, token].float().view(-1, 2)
     return scores
 
@@ -742,21 +752,15 @@ def sentence_perturbation(model, src, src_mask, relevance, rows, max_len, fracti
     R = relevance * rows[..., None]
     ranking = (R / R.abs().sum(-1, keepdim=True).clamp(min=1e-12)).sum(1)                 # (B, T)
     keep = kept_frames(removal_ranks(ranking, src_mask, seed), src_mask, fractions)      # (B, 2, P, T)
+    sample = torch.arange(len(src), device=src.device).repeat_interleave(2)
+    removals = _Removals(src, src_mask, sample, keep.flatten(0, 1), mode, budget, progress)
     out = []
     for f in range(len(fractions)):
-        sample = torch.arange(len(src), device=src.device).repeat_interleave(2)
-        u_sample, u_keep, inverse = _unique_copies(sample, keep[:, :, f].reshape(-1, keep.shape[-1]))
+        u_sample, _, inverse = removals.fractions[f]
         decoded = torch.full((len(u_sample), max_len), model.pad_id, dtype=torch.long, device=src.device)
-        lengths = u_keep.sum(-1) if mode == "mask" else src_mask[u_sample].sum(-1)
-        done = 0
-        for group in _batches(lengths.cpu(), budget):
-            group = torch.tensor(group, device=src.device)
-            x, mask, positions = perturbed_inputs(src, src_mask, u_sample[group], u_keep[group], mode)
+        for index, _, x, mask, positions in removals.batches(f):
             tokens = greedy_decode(model, x, mask, max_len, memory=model.encode(x, mask, positions))
-            decoded[group, :tokens.shape[1]] = tokens
-            done += len(group)
-            if progress:
-                progress(f, done, len(u_sample))
+            decoded[index, :tokens.shape[1]] = tokens
         out.append(decoded[inverse].view(len(src), 2, max_len))
     return torch.stack(out, 2)
 
@@ -765,13 +769,13 @@ def auc(curves, fractions=FRACTIONS):
     """Area under score-vs-fraction curves (..., P), trapezoid rule, x 100: Chefer's convention, with the
     clean score at fraction 0, so a score of 1 throughout 0..0.9 gives 90."""
     y = torch.as_tensor(curves, dtype=torch.float64)
-    p = torch.tensor(fractions, dtype=torch.float64)
+    p = torch.tensor(fractions, dtype=torch.float64, device=y.device)
     return ((y[..., 1:] + y[..., :-1]) / 2 * p.diff()).sum(-1) * 100
 
 
 def bootstrap(statistic, count, resamples=1000, level=0.95, seed=0):
     """Percentile bootstrap over `count` samples: statistic(weights) -> (R,) values of the statistic on R
-    resamples, where weights (R, count) float64 says how often each sample was drawn (a mean is
+    resamples, where weights (R, count) float64 (on the CPU) says how often each sample was drawn (a mean is
     `weights @ values / count`; a corpus statistic is a weighted sum). Returns the (low, high) interval; the
     same seed draws the same resamples, so intervals of differences between methods are paired."""
     g = torch.Generator().manual_seed(seed)

@@ -482,10 +482,11 @@ def extract(args):
     return path
 
 
-def extract_samples(args, log, only=None):
+def extract_samples(args, log, only=None, opened=None):
     """{'meta': ..., 'samples': [one dict per sample of the split, None where not extracted]}; `only` names
-    the sample indices to extract (default: all, or the first --limit)."""
-    run_dir, model, dataset, train_cfg, state, device = open_run(args, log)
+    the sample indices to extract (default: all, or the first --limit); `opened` is open_run's result when
+    the caller has it."""
+    run_dir, model, dataset, train_cfg, state, device = opened or open_run(args, log)
     methods = method_list(args.methods)
     beam = train_cfg.beam if args.beam is None else args.beam
     target = dataset.target_vocab
@@ -556,6 +557,8 @@ def bench(args):
     log = lambda msg: print(msg, flush=True)
     run_dir, model, dataset, train_cfg, _, device = open_run(args, log)
     methods = method_list(args.methods)
+    if args.perturb:
+        return bench_perturbation(model, dataset, methods, args.limit, device, log)
     batches = length_sorted_batches(dataset, args.batch_size, args.limit)
     inputs = []
     for indices in batches:
@@ -586,6 +589,48 @@ def bench(args):
                     diff = max(diff, float((one[0, t] - rel[b, t, :T]).abs().max()))
         loop = (time.time() - tic) / count
         log(f"{method:>24}  {batched:16.4f}  {loop:13.4f}  {loop / batched:7.1f}x  {diff:10.2e}")
+
+
+@torch.no_grad()
+def perturbation_loop(model, src, mask, out, relevance):
+    """The token-level perturbation test written as its definition reads: one forward per sample, token,
+    direction and fraction, with the removed frames masked out of the sample's frames."""
+    scores = torch.full(out.shape + (2, len(explain.FRACTIONS)), float("nan"), device=src.device)
+    tgt_in = torch.cat([torch.full_like(out[:, :1], model.bos_id), out[:, :-1]], 1)
+    for b in range(len(src)):
+        T = int(mask[b].sum())
+        for t in range(int((out[b] != model.pad_id).sum())):
+            ranks = explain.removal_ranks(relevance[b:b + 1, t, :T], mask[b:b + 1, :T], salt=torch.tensor([t], device=src.device))
+            keep = explain.kept_frames(ranks, mask[b:b + 1, :T])
+            for d in range(2):
+                for f in range(len(explain.FRACTIONS)):
+                    logits = model(src[b:b + 1, :T], keep[:, d, f], tgt_in[b:b + 1])[0, t]
+                    logits[[model.pad_id, model.bos_id]] = float("-inf")
+                    scores[b, t, d, f] = float(logits.argmax() == out[b, t])
+    return scores
+
+
+def bench_perturbation(model, dataset, methods, limit, device, log):
+    """The batched token-level perturbation test of `python run.py perturb` (every removal of every token of
+    the samples at once) against the loop of one forward per token, direction and fraction: seconds per
+    sample side by side, and how many scores differ."""
+    batch = to(dataset.batch(list(range(len(dataset)))[:limit]), device)
+    src, mask = batch["src"], batch["src_mask"]
+    out = sa.greedy_decode(model, src, mask, dataset.cfg.max_tokens + 1)
+    count, tokens = len(src), int((out != model.pad_id).sum())
+    log(f"token-level perturbation tests: {count} samples, {tokens} tokens, 2 directions x 10 fractions, "
+        f"frames removed by the key mask, device {device}")
+    log(f"{'method':>24}  {'batched s/sample':>16}  {'loop s/sample':>13}  {'speed-up':>8}  {'scores differ':>13}")
+    for method in methods:
+        relevance = explain.explain(model, src, mask, out, method)
+        tic = time.time()
+        fast = explain.token_perturbation(model, src, mask, out, relevance)
+        batched = (time.time() - tic) / count
+        tic = time.time()
+        slow = perturbation_loop(model, src, mask, out, relevance)
+        loop = (time.time() - tic) / count
+        differ = int(((fast != slow) & ~fast.isnan()).sum())
+        log(f"{method:>24}  {batched:16.4f}  {loop:13.4f}  {loop / batched:7.1f}x  {differ:13d}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -670,7 +715,7 @@ def plot_sample(run_dir, data, data_path, index, fmt, animate, log):
 
     def save(fig, name):
         path = f"{stem}{name}.{fmt}"
-        fig.savefig(path, bbox_inches="tight")
+        sa.atomic_write(path, lambda f: fig.savefig(f, format=fmt, bbox_inches="tight"))
         plt.close(fig)
         written.append(path)
 
@@ -923,7 +968,7 @@ def plot_all(run_dir, data, data_path, fmt, log):
 
         def save(fig, name):
             path = os.path.join(run_dir, f"all_{view}_{name}.{fmt}")
-            fig.savefig(path, bbox_inches="tight")
+            sa.atomic_write(path, lambda f: fig.savefig(f, format=fmt, bbox_inches="tight"))
             plt.close(fig)
             written.append(path)
 
@@ -1025,10 +1070,11 @@ def plot(args):
 # Faithfulness (perturbation tests) and plausibility
 # ----------------------------------------------------------------------------------------------------
 
-def perturb_samples(args, run_dir, state, dataset, methods, log):
+def perturb_samples(args, opened, methods, log):
     """The extraction samples (tokens, relevance) of the first --limit samples of the split: from the run's
-    extraction where it holds them for this checkpoint, else explained now (and saved as the extraction
-    when it is the whole split and no extraction file exists)."""
+    extraction where it holds them for this checkpoint, else explained now (and saved as the extraction when
+    that is the whole split with every method and no extraction file exists yet)."""
+    run_dir, _, dataset, _, state, _ = opened
     count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     path = os.path.join(run_dir, f"extract_{args.split}.pt")
     if os.path.exists(path):
@@ -1044,9 +1090,9 @@ def perturb_samples(args, run_dir, state, dataset, methods, log):
         log(f"{path} holds {why}: explaining {count} samples now")
     options = argparse.Namespace(**{**vars(args), "run": run_dir, "methods": ",".join(methods), "batch_size": 16,
                                     "limit": count, "beam": None})
-    data = extract_samples(options, log)
+    data = extract_samples(options, log, opened=opened)
     data["samples"] = data["samples"][:count]
-    if count == len(dataset) and not os.path.exists(path):
+    if count == len(dataset) and set(methods) >= set(explain.METHODS) and not os.path.exists(path):
         sa.save_checkpoint(path, data)
         log(f"wrote {path} (`python run.py plot` reads it)")
     return data
@@ -1066,17 +1112,16 @@ class Progress:
         self.method, self.method_start = method, time.time()
 
     def __call__(self, f, done, total):
-        P = len(explain.FRACTIONS)
-        share = (f + done / total) / P                                     # of this method
+        """After each batch: fraction index f, and frames forwarded so far and in all for this method."""
+        share = done / total
         spent = time.time() - self.method_start
         per_method = (time.time() - self.start) / (self.index + share)
         eta = spent / share * (1 - share) + per_method * (len(self.methods) - self.index - 1)
         line = (f"perturb {self.level}  {self.method:<24} ({self.index + 1}/{len(self.methods)})  fraction "
-                f"{explain.FRACTIONS[f]:.1f}  {done}/{total} inputs  ETA {format_time(eta)}")
-        last = done == total and f == P - 1
+                f"{explain.FRACTIONS[f]:.1f}  {100 * share:3.0f}% of the method  ETA {format_time(eta)}")
         if self.tty:
-            print("\r" + line.ljust(100), end="\n" if last else "", flush=True)
-        elif last or time.time() - self.printed >= 10:
+            print("\r" + line.ljust(100), end="\n" if done == total else "", flush=True)
+        elif done == total or time.time() - self.printed >= 10:
             self.log(line)
             self.printed = time.time()
 
@@ -1088,10 +1133,10 @@ def sentence_scores(decoded, references, target):
     clean = decoded[:, 0, 0]                                                 # (B, L)
     length = ((clean != sa.Vocabulary.pad_id).sum(-1)).clamp(min=1)
     valid = torch.arange(clean.shape[1]) < length[:, None]
-    accuracy = ((decoded == clean[:, None, None]) & valid[:, None, None]).sum(-1) / length[:, None, None]
+    accuracy = ((decoded == clean[:, None, None]) & valid[:, None, None]).sum(-1).double() / length[:, None, None]
     stats = [[[sa.bleu_statistics(" ".join(target.decode(ids)), ref) for ids in row] for row in rows]
              for rows, ref in zip(decoded.tolist(), references)]
-    return accuracy.double(), torch.tensor(stats, dtype=torch.float64)
+    return accuracy, torch.tensor(stats, dtype=torch.float64)
 
 
 def perturb(args):
@@ -1101,23 +1146,26 @@ def perturb(args):
     start = time.time()
     if args.limit is not None and args.limit < 1:
         raise sa.DataError(f"--limit {args.limit}: give at least 1 sample")
-    if args.bootstrap < 10:
-        raise sa.DataError(f"--bootstrap {args.bootstrap}: give at least 10 resamples")
+    if not 10 <= args.bootstrap <= 100000:
+        raise sa.DataError(f"--bootstrap {args.bootstrap}: give 10 to 100000 resamples")
     methods = method_list(args.methods)
+    named = args.methods != "all"
     methods += [] if "random" in methods else ["random"]
-    run_dir, model, dataset, train_cfg, state, device = open_run(args, log)
-    data = perturb_samples(args, run_dir, state, dataset, methods, log)
+    opened = open_run(args, log)
+    run_dir, model, dataset, _, state, device = opened
+    data = perturb_samples(args, opened, methods, log)
     samples, meta = data["samples"], data["meta"]
-    B = len(samples)
-    if not B:
-        raise sa.DataError(f"{run_dir}: the {args.split} split has no sample to evaluate")
-    target = dataset.target_vocab
+    plausibility = plausibility_of(data, args.data or state["config"]["data_path"], methods)
+    B, target = len(samples), dataset.target_vocab
     batch = to(dataset.batch(list(range(B))), device)
     src, mask = batch["src"], batch["src_mask"]
     for b, s in enumerate(samples):
         if s["frames"] != int(mask[b].sum()):
             raise sa.DataError(f"{run_dir}/extract_{args.split}.pt: sample {s['id']} has {s['frames']} frames, the data "
                                f"{int(mask[b].sum())} (extracted from other data? run `python run.py extract` again)")
+        for m in methods:
+            if not torch.isfinite(s["relevance"][m]).all():
+                raise sa.DataError(f"{run_dir}: the {m} relevance of sample {s['id']} holds NaN or infinite values")
     n, T = max(len(s["tokens"]) for s in samples), src.shape[1]
     out = torch.full((B, n), target.pad_id, dtype=torch.long)
     for b, s in enumerate(samples):
@@ -1144,78 +1192,92 @@ def perturb(args):
                                                     dataset.cfg.max_tokens + 1, mode=args.perturb_mode, seed=seed,
                                                     progress=progress)
             curves[method], stats[method] = sentence_scores(decoded.cpu(), references, target)
-    plausibility = plausibility_of(data, args.data or run_config(run_dir)["data_path"], methods)
     rows = perturb_table(curves, stats, plausibility, args.bootstrap, seed)
     stem = os.path.join(run_dir, f"perturb_{args.split}_{args.level}" + ("_zero" if args.perturb_mode == "zero" else "")
-                        + (f"_first{B}" if B < len(dataset) else ""))
-    written = write_perturb(stem, rows, curves, stats, args, B)
+                        + (f"_first{B}" if B < len(dataset) else "") + ("_" + "+".join(methods) if named else ""))
+    clean = clean_score(curves, stats)
+    written = write_perturb(stem, rows, curves, stats, args, B, clean)
     written.append(plot_curves(stem, curves, stats, rows, args, B))
     log(markdown_table(rows, args.level))
+    log(clean)
     log(verdict(rows))
     for path in written:
         log(path)
     log(f"perturbation tests of {len(methods)} methods on {B} samples in {format_time(time.time() - start)}")
 
 
+def clean_score(curves, stats):
+    """What the unperturbed input scores (fraction 0, the same for every method)."""
+    c = next(iter(curves.values()))
+    if not stats:
+        return (f"clean input: {100 * float(c[:, 0, 0].mean()):.2f}% of the explained tokens are the teacher-forced "
+                f"model's first choice (mean over samples)")
+    bleu = float(sa.bleu_from_statistics(next(iter(stats.values()))[:, 0, 0].sum(0).numpy()))
+    return f"clean input: greedy decoding BLEU-4 {bleu:.2f} against the reference"
+
+
 def plausibility_of(data, data_path, methods):
     """{method: (pointing-game hits, relevance mass in the segment)} over the gloss occurrences with a true
-    segment and a token that realises them; {} where the data has no alignments."""
+    segment and a token that realises them, and 'sample': each occurrence's sample; {} without alignments."""
     alignments, links = segment_sources(data, data_path)
     if not alignments:
         return {}
     meta = data["meta"]
-    out = {m: ([], []) for m in methods}
-    for s in data["samples"]:
+    out, sample = {m: ([], []) for m in methods}, []
+    for b, s in enumerate(data["samples"]):
         segments = token_segments(s, alignments.get(s["id"], []), meta["data_config"]["subsample"], meta["target"],
                                   links)
+        sample += [b] * len(segments)
         for m in methods:
             out[m][0].extend(explain.pointing_game(s["relevance"][m], segments))
             out[m][1].extend(explain.segment_mass(s["relevance"][m], segments))
-    return {m: (torch.tensor(h, dtype=torch.float64), torch.tensor(v, dtype=torch.float64)) for m, (h, v) in out.items()}
+    tensor = lambda v: torch.tensor(v, dtype=torch.float64)
+    return dict({m: (tensor(h), tensor(v)) for m, (h, v) in out.items()}, sample=torch.tensor(sample, dtype=torch.long))
 
 
 def perturb_table(curves, stats, plausibility, resamples, seed):
-    """One row per method: each measure as (mean, low, high) with a 95% bootstrap interval over samples
-    (occurrences for plausibility), and the tests on which it beats random: the paired interval of its
-    difference to random excludes 0 on the better side. The resamples are shared by all methods (paired)."""
+    """One row per method: each measure as (value, low, high) with a 95% bootstrap interval over the samples,
+    and the tests on which it beats random: where the interval of its difference to random (paired: every
+    method sees the same resamples) excludes 0 on the better side. AUCs are means over samples; BLEU is a
+    corpus score and plausibility a share of gloss occurrences, recomputed on each resample."""
     AUC = {m: explain.auc(c) for m, c in curves.items()}                   # (B, 2) per sample
     B = len(next(iter(curves.values())))
-    mean = lambda values: (lambda w: w @ values / len(values))
+    interval = lambda statistic: explain.bootstrap(statistic, B, resamples, seed=seed)
+    mean = lambda values: (lambda w: w @ values / B)
 
-    def corpus_bleu(s, d):
+    def corpus_bleu(s, d):                                                  # s (B, 2, P, 10) statistics
         def statistic(w):
-            summed = (w @ s.reshape(len(s), -1)).reshape(len(w), *s.shape[1:])
+            summed = (w @ s.reshape(B, -1)).reshape(len(w), *s.shape[1:])
             return explain.auc(sa.bleu_from_statistics(summed.numpy())[:, d] / 100)
         return statistic
 
-    def measure(statistic, count, point):
-        return (point, *explain.bootstrap(statistic, count, resamples, seed=seed))
+    def share(values):                                                      # over occurrences, samples drawn
+        occurrence = plausibility["sample"]
+        return lambda w: (w[:, occurrence] @ values) / w[:, occurrence].sum(-1).clamp(min=1)
+
+    def beats(statistic, random_statistic, lower_is_better):
+        low, high = interval(lambda w: statistic(w) - random_statistic(w))
+        return high < 0 if lower_is_better else low > 0
 
     rows = []
     for m in curves:
         row, better = dict(method=m), []
         for d, direction in enumerate(explain.DIRECTIONS):
-            row[direction] = measure(mean(AUC[m][:, d]), B, float(AUC[m][:, d].mean()))
-            low, high = explain.bootstrap(mean(AUC[m][:, d] - AUC["random"][:, d]), B, resamples, seed=seed)
-            if (high < 0) if direction == "positive" else (low > 0):
+            row[direction] = (float(AUC[m][:, d].mean()), *interval(mean(AUC[m][:, d])))
+            if beats(mean(AUC[m][:, d]), mean(AUC["random"][:, d]), d == 0):
                 better.append(direction)
             if stats:
-                s = stats[m]
-                point = float(explain.auc(sa.bleu_from_statistics(s.sum(0).numpy())[d] / 100))
-                row[f"bleu_{direction}"] = measure(corpus_bleu(s, d), B, point)
-                r = stats["random"]
-                low, high = explain.bootstrap(lambda w: corpus_bleu(s, d)(w) - corpus_bleu(r, d)(w), B, resamples,
-                                              seed=seed)
-                if (high < 0) if direction == "positive" else (low > 0):
+                point = float(explain.auc(sa.bleu_from_statistics(stats[m].sum(0).numpy())[d] / 100))
+                row[f"bleu_{direction}"] = (point, *interval(corpus_bleu(stats[m], d)))
+                if beats(corpus_bleu(stats[m], d), corpus_bleu(stats["random"], d), d == 0):
                     better.append(f"BLEU {direction}")
         if plausibility:
             (hits, mass), (random_hits, _) = plausibility[m], plausibility["random"]
-            O = len(hits)
-            row["occurrences"] = O
-            if O:
-                row["pointing"] = measure(mean(100 * hits), O, float(100 * hits.mean()))
-                row["mass"] = measure(mean(100 * mass), O, float(100 * mass.mean()))
-                if explain.bootstrap(mean(hits - random_hits), O, resamples, seed=seed)[0] > 0:
+            row["occurrences"] = len(hits)
+            if len(hits):
+                row["pointing"] = (float(100 * hits.mean()), *interval(share(100 * hits)))
+                row["mass"] = (float(100 * mass.mean()), *interval(share(100 * mass)))
+                if beats(share(hits), share(random_hits), False):
                     better.append("pointing")
         row["beats_random"] = better if m != "random" else None
         rows.append(row)
@@ -1256,7 +1318,7 @@ def verdict(rows):
     return text
 
 
-def write_perturb(stem, rows, curves, stats, args, count):
+def write_perturb(stem, rows, curves, stats, args, count, clean):
     """The table as CSV and Markdown, and the mean curves as CSV."""
     columns = table_columns(rows, args.level)
     header = ["method"] + [f"{k}{suffix}" for k, _ in columns for suffix in ("", "_low", "_high")]
@@ -1268,14 +1330,15 @@ def write_perturb(stem, rows, curves, stats, args, count):
         for r in rows:
             values = [f"{v:.4f}" for k, _ in columns for v in r.get(k, (float("nan"),) * 3)]
             w.writerow([r["method"]] + values + [r["occurrences"]] * ("occurrences" in r)
-                       + ["control" if r["beats_random"] is None else " ".join(r["beats_random"])])
+                       + ["control" if r["beats_random"] is None else ";".join(r["beats_random"])])
 
     def markdown(f):
         f.write(f"# Perturbation tests: {args.level} level, {count} {args.split} samples, frames removed by "
                 f"{'the key mask' if args.perturb_mode == 'mask' else 'zeroing'}\n\n"
-                "Mean over samples with a 95% bootstrap interval; AUC of the score against the fraction of frames "
-                "removed (0 to 0.9, x 100, so 90 at most).\n\n")
-        f.write(markdown_table(rows, args.level) + "\n\n" + verdict(rows) + "\n")
+                "AUC of the score against the fraction of frames removed (0 to 0.9, x 100, so 90 at most), the "
+                "mean over samples (BLEU: of the corpus score); plausibility over gloss occurrences. Brackets: 95% "
+                f"bootstrap interval over the {count} samples.\n\n")
+        f.write(markdown_table(rows, args.level) + "\n\n" + clean + "\n\n" + verdict(rows) + "\n")
 
     def mean_curves(f):
         w = csv.writer(f, lineterminator="\n")
@@ -1325,7 +1388,7 @@ def plot_curves(stem, curves, stats, rows, args, count):
     fig.suptitle(f"Perturbation tests, {args.level} level: {count} {args.split} samples, frames removed by "
                  f"{'the key mask' if args.perturb_mode == 'mask' else 'zeroing'}", fontsize=11)
     path = f"{stem}.{args.format}"
-    fig.savefig(path, bbox_inches="tight")
+    sa.atomic_write(path, lambda f: fig.savefig(f, format=args.format, bbox_inches="tight"))
     plt.close(fig)
     return path
 
@@ -1333,6 +1396,16 @@ def plot_curves(stem, curves, stats, rows, args, count):
 # ----------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------
+
+def seed_value(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"{text} is not in 0 .. 2**63 - 1")
+    return value
+
 
 def parser():
     p = argparse.ArgumentParser(description="Interpretable sign language translation: train, evaluate, explain.")
@@ -1342,7 +1415,7 @@ def parser():
     shared.add_argument("--format", choices=("gsl", "signjoey"), default="gsl", help="dataset layout (DATA.md 1 or 2)")
     shared.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to compute")
     shared.add_argument("--skip-bad", action="store_true", help="skip bad samples with a warning instead of stopping")
-    shared.add_argument("--seed", type=int, help="random seed (default 0)")
+    shared.add_argument("--seed", type=seed_value, help="random seed (default 0)")
 
     t = sub.add_parser("train", parents=[shared], help="train a model (default: synthetic GSL)")
     t.add_argument("--out", help="run folder (default: runs/<time>-<data>-<preset>)")
@@ -1377,6 +1450,9 @@ def parser():
         x.add_argument("--limit", type=int, default=20 if name == "bench" else None, help="first K samples only")
         if name == "extract":
             x.add_argument("--beam", type=int, help="beam size of the decoding (default: the run's)")
+        else:
+            x.add_argument("--perturb", action="store_true",
+                           help="time the token-level perturbation tests instead, against one forward per removal")
     figures = argparse.ArgumentParser(add_help=False)       # the modes that draw: --format is the figure type
     figures.add_argument("run", nargs="?", help="run folder (default: the most recent under runs/)")
     figures.add_argument("--data", help="dataset folder (default: the run's)")
@@ -1398,7 +1474,7 @@ def parser():
                     help="mask: removed frames leave the encoder's key mask; zero: they are replaced by zeros")
     pe.add_argument("--limit", type=int, help="first K samples only (a quick table)")
     pe.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the 95%% intervals")
-    pe.add_argument("--seed", type=int, help="seed of the tie-breaking and the bootstrap (default 0)")
+    pe.add_argument("--seed", type=seed_value, help="seed of the tie-breaking and the bootstrap (default 0)")
     return p
 
 

@@ -981,7 +981,7 @@ class SignTranslator(nn.Module):
 def _decodable(logits, model):
     """PAD and BOS are never written: their logits are set to -inf."""
     logits = logits.clone()
-    logits[:, [model.pad_id, model.bos_id]] = float("-inf")
+    logits[..., [model.pad_id, model.bos_id]] = float("-inf")
     return logits
 
 
