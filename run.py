@@ -1364,7 +1364,7 @@ def plot_curves(stem, curves, stats, rows, args, count):
     """Score against the fraction of frames removed, one line per method, the random control dashed."""
     plt = pyplot()
     panels = [("score", d) for d in range(2)] + ([("bleu", d) for d in range(2)] if stats else [])
-    fig, axes = plt.subplots(len(panels) // 2, 2, figsize=(12, 4.4 * len(panels) // 2), squeeze=False,
+    fig, axes = plt.subplots(len(panels) // 2, 2, figsize=(15, 4.4 * len(panels) // 2), squeeze=False,
                              layout="constrained")
     x = 100 * np.array(explain.FRACTIONS)
     colors = plt.get_cmap("tab20")
@@ -1384,7 +1384,7 @@ def plot_curves(stem, curves, stats, rows, args, count):
         ax.set_xlim(0, 90)
         ax.set_ylim(0, 1.02 if what == "score" else 100)
         ax.set_title(f"{direction} perturbation ({'lower' if d == 0 else 'higher'} AUC is better)", fontsize=10)
-        ax.legend(fontsize=7, title="method (AUC)", title_fontsize=7, ncol=2)
+        ax.legend(fontsize=7, title="method (AUC)", title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.suptitle(f"Perturbation tests, {args.level} level: {count} {args.split} samples, frames removed by "
                  f"{'the key mask' if args.perturb_mode == 'mask' else 'zeroing'}", fontsize=11)
     path = f"{stem}.{args.format}"
