@@ -619,7 +619,8 @@ MODES = ("mask", "zero")                              # removed through the key 
 def _tie_keys(T, salt, seed, device):
     """Pseudo-random keys (rows, T) from a hash of (frame index, row salt, seed): a tie-breaking order that
     depends on neither the batch nor the other rows, so a sample's ranks are the same however it is batched."""
-    x = (torch.arange(T, device=device)[None] * 0x9E3779B1 + salt[:, None].long() * 0x85EBCA77 + seed * 0xC2B2AE3D)
+    frame = torch.arange(1, T + 1, device=device)[None]
+    x = frame * 0x9E3779B1 + salt[:, None].long() * 0x85EBCA77 + (seed * 0xC2B2AE3D & 0xFFFFFFFF)
     for shift, multiplier in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):            # murmur3's finaliser, 32 bits
         x = x & 0xFFFFFFFF
         x = ((x ^ (x >> shift)) * multiplier) & 0xFFFFFFFF

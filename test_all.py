@@ -1171,6 +1171,11 @@ def test_kept_frames_and_tie_breaking():
     flat = ex.removal_ranks(torch.zeros(1, 100), torch.ones(1, 100, dtype=torch.bool))
     assert sorted(flat[0].tolist()) == list(range(100)) and flat[0].tolist() != list(range(100))
     assert torch.equal(flat, ex.removal_ranks(torch.zeros(1, 100), torch.ones(1, 100, dtype=torch.bool)))
+    # every frame is first among 9 tied frames about as often (2000 rows, salts 0..1999), for any seed
+    for seed in (0, 2 ** 63 - 1):
+        first = ex.removal_ranks(torch.zeros(2000, 9), torch.ones(2000, 9, dtype=torch.bool), seed, torch.arange(2000))
+        counts = torch.bincount(first.argmin(-1), minlength=9)
+        assert counts.min() > 150 and counts.max() < 300
     for bad in (float("nan"), float("-inf")):
         with pytest.raises(ValueError, match="NaN or infinite"):
             ex.removal_ranks(torch.tensor([[0.0, bad]]), torch.ones(1, 2, dtype=torch.bool))
