@@ -600,7 +600,8 @@ def perturbation_loop(model, src, mask, out, relevance):
     for b in range(len(src)):
         T = int(mask[b].sum())
         for t in range(int((out[b] != model.pad_id).sum())):
-            ranks = explain.removal_ranks(relevance[b:b + 1, t, :T], mask[b:b + 1, :T], salt=torch.tensor([t], device=src.device))
+            salt = torch.tensor([t], device=src.device)                     # as the batched test salts it
+            ranks = explain.removal_ranks(relevance[b:b + 1, t, :T], mask[b:b + 1, :T], salt=salt)
             keep = explain.kept_frames(ranks, mask[b:b + 1, :T])
             for d in range(2):
                 for f in range(len(explain.FRACTIONS)):
