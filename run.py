@@ -605,8 +605,7 @@ def perturbation_loop(model, src, mask, out, relevance):
             keep = explain.kept_frames(ranks, mask[b:b + 1, :T])
             for d in range(2):
                 for f in range(len(explain.FRACTIONS)):
-                    logits = model(src[b:b + 1, :T], keep[:, d, f], tgt_in[b:b + 1])[0, t]
-                    logits[[model.pad_id, model.bos_id]] = float("-inf")
+                    logits = sa._decodable(model(src[b:b + 1, :T], keep[:, d, f], tgt_in[b:b + 1])[0, t], model)
                     scores[b, t, d, f] = float(logits.argmax() == out[b, t])
     return scores
 
@@ -1197,8 +1196,9 @@ def perturb(args):
     stem = os.path.join(run_dir, f"perturb_{args.split}_{args.level}" + ("_zero" if args.perturb_mode == "zero" else "")
                         + (f"_first{B}" if B < len(dataset) else "") + ("_" + "+".join(methods) if named else ""))
     clean = clean_score(curves, stats)
-    written = write_perturb(stem, rows, curves, stats, args, B, clean)
-    written.append(plot_curves(stem, curves, stats, rows, args, B))
+    means = mean_curves(curves, stats)
+    written = write_perturb(stem, rows, means, args, B, clean)
+    written.append(plot_curves(stem, means, rows, args, B))
     log(markdown_table(rows, args.level))
     log(clean)
     log(verdict(rows))
@@ -1319,7 +1319,16 @@ def verdict(rows):
     return text
 
 
-def write_perturb(stem, rows, curves, stats, args, count, clean):
+def mean_curves(curves, stats):
+    """{method: {'score': (2, P), and at sentence level 'bleu4': (2, P)}}: the mean score per direction and
+    fraction over samples, and the corpus BLEU-4, as the curves CSV and the figure show them."""
+    means = {m: dict(score=c.mean(0).numpy()) for m, c in curves.items()}
+    for m, s in stats.items():
+        means[m]["bleu4"] = sa.bleu_from_statistics(s.sum(0).numpy())
+    return means
+
+
+def write_perturb(stem, rows, means, args, count, clean):
     """The table as CSV and Markdown, and the mean curves as CSV."""
     columns = table_columns(rows, args.level)
     header = ["method"] + [f"{k}{suffix}" for k, _ in columns for suffix in ("", "_low", "_high")]
@@ -1341,18 +1350,17 @@ def write_perturb(stem, rows, curves, stats, args, count, clean):
                 f"bootstrap interval over the {count} samples.\n\n")
         f.write(markdown_table(rows, args.level) + "\n\n" + clean + "\n\n" + verdict(rows) + "\n")
 
-    def mean_curves(f):
+    def curves(f):
         w = csv.writer(f, lineterminator="\n")
-        w.writerow(["method", "direction", "fraction", "score"] + ["bleu4"] * bool(stats))
-        for m, c in curves.items():
+        measures = list(next(iter(means.values())))                      # score (and bleu4)
+        w.writerow(["method", "direction", "fraction"] + measures)
+        for m, mean in means.items():
             for d, direction in enumerate(explain.DIRECTIONS):
-                bleu = sa.bleu_from_statistics(stats[m].sum(0).numpy())[d] if stats else None
                 for f_, p in enumerate(explain.FRACTIONS):
-                    w.writerow([m, direction, p, f"{float(c[:, d, f_].mean()):.4f}"]
-                               + ([f"{bleu[f_]:.2f}"] if stats else []))
+                    w.writerow([m, direction, p] + [f"{mean[k][d, f_]:.{4 if k == 'score' else 2}f}" for k in measures])
 
     written = []
-    for suffix, write in ((".csv", table), (".md", markdown), ("_curves.csv", mean_curves)):
+    for suffix, write in ((".csv", table), (".md", markdown), ("_curves.csv", curves)):
         buffer = io.StringIO()
         write(buffer)
         path = stem + suffix
@@ -1361,10 +1369,10 @@ def write_perturb(stem, rows, curves, stats, args, count, clean):
     return written
 
 
-def plot_curves(stem, curves, stats, rows, args, count):
+def plot_curves(stem, means, rows, args, count):
     """Score against the fraction of frames removed, one line per method, the random control dashed."""
     plt = pyplot()
-    panels = [("score", d) for d in range(2)] + ([("bleu", d) for d in range(2)] if stats else [])
+    panels = [(what, d) for what in next(iter(means.values())) for d in range(2)]          # score (and bleu4)
     fig, axes = plt.subplots(len(panels) // 2, 2, figsize=(15, 4.4 * len(panels) // 2), squeeze=False,
                              layout="constrained")
     x = 100 * np.array(explain.FRACTIONS)
@@ -1373,9 +1381,8 @@ def plot_curves(stem, curves, stats, rows, args, count):
     for ax, (what, d) in zip(axes.flat, panels):
         direction = explain.DIRECTIONS[d]
         key = direction if what == "score" else f"bleu_{direction}"
-        for m in curves:
-            y = (curves[m][:, d].mean(0).numpy() if what == "score"
-                 else sa.bleu_from_statistics(stats[m].sum(0).numpy())[d])
+        for m, mean in means.items():
+            y = mean[what][d]
             style = dict(color="black", linestyle="--", linewidth=1.8) if m == "random" else dict(
                 color=colors(explain.METHODS.index(m) % 20), linewidth=1.3)
             ax.plot(x, y, marker="o", markersize=3, label=f"{m} ({by_method[m][key][0]:.1f})", **style)

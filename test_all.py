@@ -1004,13 +1004,18 @@ def test_plot_as_a_user(tiny_run):
     assert bad.returncode == 2 and "--sample 999" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
+def run_folder_copy(cwd, name):
+    """A new run folder `name` holding only the tiny run's best checkpoint and configuration."""
+    import shutil
+    os.makedirs(cwd / name, exist_ok=True)
+    for file in ("best.pt", "config.json"):
+        shutil.copy(cwd / "r" / file, cwd / name / file)
+
+
 def test_plot_one_sample_right_after_training(tiny_run):
     """Without an extraction, one sample is extracted alone in memory: seconds, and nothing is written."""
-    import shutil
     cwd, _ = tiny_run
-    os.makedirs(cwd / "fresh", exist_ok=True)
-    for name in ("best.pt", "config.json"):
-        shutil.copy(cwd / "r" / name, cwd / "fresh" / name)
+    run_folder_copy(cwd, "fresh")
     result = run(["plot", "fresh", "--sample", "2"], str(cwd))
     assert result.returncode == 0, result.stderr
     assert "extracting test sample 2" in result.stdout and (cwd / "fresh" / "sample2_relevance.png").exists()
@@ -1305,11 +1310,8 @@ def test_sentence_scores_accuracy_and_bleu():
 
 
 def test_perturb_as_a_user(tiny_run):
-    import shutil
     cwd, _ = tiny_run
-    os.makedirs(cwd / "p", exist_ok=True)
-    for name in ("best.pt", "config.json"):
-        shutil.copy(cwd / "r" / name, cwd / "p" / name)
+    run_folder_copy(cwd, "p")
     result = run(["perturb", "p", "--bootstrap", "200"], str(cwd))
     assert result.returncode == 0, result.stderr
     assert "fraction 0.9" in result.stdout and "ETA" in result.stdout and "beat random" in result.stdout
