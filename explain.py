@@ -128,12 +128,13 @@ class _Context:
         self.N, self.T, self.n = len(cb), T, n
         self.rows = torch.arange(self.N, device=src.device)
 
-    def run(self, grads=(), src=None, tape=False, maps=GROUPS):
+    def run(self, grads=(), src=None, tape=False, maps=GROUPS, layers=False):
         """One forward of the chunk's samples with attention kept. `grads` names what to differentiate each
         copy's score by: 'input' and/or attention groups ('encoder_self', 'decoder_self', 'decoder_cross');
         all copies' gradients come from one backward batched over token positions. `tape` records every
-        module's inputs and output (for LRP); `maps` names the attention groups the method reads. Returns a
-        _Pass whose tensors are per copy."""
+        module's inputs and output (for LRP); `maps` names the attention groups the method reads; `layers`
+        keeps each encoder layer's output as the model reads it next (see _spectral). Returns a _Pass whose
+        tensors are per copy (the layer outputs and the memory per sample)."""
         model = self.model.keep_attention(True)
         wanted_maps = set(maps) | {g for g in grads if g != "input"}
         x = self.src if src is None else src
@@ -144,6 +145,10 @@ class _Context:
             for module in model.modules():
                 hooks.append(module.register_forward_hook(
                     lambda m, args, out: records.__setitem__(m, (args, out))))
+        outputs = []
+        if layers:
+            for layer in model.encoder:
+                hooks.append(layer.register_forward_hook(lambda m, args, out: outputs.append(out.detach())))
         try:
             with torch.set_grad_enabled(bool(grads)):
                 memory = model.encode(x, self.mask)
@@ -156,6 +161,10 @@ class _Context:
         p = _Pass(maps={k: [copy(a.detach()) for a in maps[k]] for k in maps if k in wanted_maps},
                   src=copy(x.detach()),
                   mask=copy(self.mask), memory=memory.detach(), tape=records, copy=copy)
+        if layers:
+            with torch.no_grad():
+                p.layers = [model.encoder[l + 1].norm1(out) if model.encoder[l + 1].norm_first else out
+                            for l, out in enumerate(outputs[:-1])] + [model.encoder_norm(outputs[-1])]
         if grads:
             step = logits.log_softmax(-1) if self.opts["score"] == "logprob" else logits
             score = step.gather(-1, self.out[..., None])[..., 0]                   # (S, n)
@@ -183,9 +192,12 @@ def _per_token_grads(score, wanted, inverse, ct):
 
 
 class _Pass:
+    """What one forward of a chunk gives the methods: attention maps, input and mask per copy, the memory,
+    the LRP tape, the encoder layers' outputs (per sample), and the requested gradients per copy."""
+
     def __init__(self, maps, src, mask, memory, tape, copy):
         self.maps, self.src, self.mask, self.memory, self.tape, self.copy = maps, src, mask, memory, tape, copy
-        self.input_grad, self.grads = None, {}
+        self.input_grad, self.grads, self.layers = None, {}, None
 
 
 def _row(a, ctx):
@@ -492,29 +504,43 @@ def fiedler(features, mask):
 
 
 def _spectral(ctx, grads=None):
+    """The spectral methods of Transformer-spectral-interpretability (spectral/get_fev.py: get_eigs,
+    get_grad_eigs, get_grad_cam_eigs; ExplanationGeneratorOurs.py), on the encoder's frames.
+
+    Followed: features L2-normalised per frame, W = (f f^T)^+ / max W, the Fiedler vector of L v = lambda D v,
+    its absolute value; DSMI+Grad weights layer l's attention gradient by the Fiedler vector of the features
+    that layer l itself outputs (`get_grad_eigs(feats_list[i], ...)` for layer i) and sums over the layers.
+    The reference's model (LXMERT) is post-LayerNorm, so its layer outputs are normalised: here layer l's
+    output is taken as the model reads it next, through the LayerNorm in front of the next layer (pre-LN) or
+    the encoder's final norm (the last layer, whose vector is the one `dsmi` uses: the encoder output).
+    Departures: the score is the explained token's s_t (the reference leaves `index=None`, which
+    differentiates the sum of all logits); the generalised problem is solved exactly by a batched eigh
+    (not scipy's shift-invert `eigs`), all layers and samples at once; a sample with fewer than 3 real frames
+    gets a uniform map (the reference crashes there)."""
     if grads is None:
         return fiedler(ctx.run(maps=()).memory, ctx.mask)[ctx.inverse], None
-    p = ctx.run(grads=("encoder_self",))
-    v = fiedler(p.memory, ctx.mask)[ctx.inverse]
+    p = ctx.run(grads=("encoder_self",), layers=True)
+    L = len(p.layers)
+    v = fiedler(torch.cat(p.layers), ctx.mask.repeat(L, 1)).view(L, len(ctx.mask), -1)[:, ctx.inverse]
     R = torch.zeros(ctx.N, ctx.T, device=ctx.src.device)
-    for a, g in zip(p.maps["encoder_self"], p.grads["encoder_self"]):
+    for a, g, v_l in zip(p.maps["encoder_self"], p.grads["encoder_self"], v):
         weight = g.clamp(min=0).mean(1) if grads == "grad" else _aggregate(a, g)
-        R = R + (weight @ v[..., None])[..., 0]
+        R = R + (weight @ v_l[..., None].to(weight.dtype))[..., 0]
     return R, None
 
 
 def dsmi(ctx):
-    """DSMI: |v| of the Fiedler vector for every token (class-agnostic)."""
+    """DSMI: |v| of the Fiedler vector of the encoder output's frame graph, the same for every token."""
     return _spectral(ctx)
 
 
 def dsmi_grad(ctx):
-    """DSMI + Grad: R[t] = sum_l mean_h (dA_enc_l)^+ @ |v|, gradients of s_t."""
+    """DSMI + Grad: R[t] = sum_l mean_h (dA_enc_l)^+ @ |v_l|, gradients of s_t, v_l layer l's own vector."""
     return _spectral(ctx, "grad")
 
 
 def dsmi_grad_attn(ctx):
-    """DSMI + Grad + Attn: R[t] = sum_l mean_h (dA_enc_l * A_enc_l)^+ @ |v|."""
+    """DSMI + Grad + Attn: R[t] = sum_l mean_h (dA_enc_l * A_enc_l)^+ @ |v_l|."""
     return _spectral(ctx, "grad_attn")
 
 
@@ -766,6 +792,15 @@ def sentence_perturbation(model, src, src_mask, relevance, rows, max_len, fracti
     return torch.stack(out, 2)
 
 
+def near_ties(logits, rel=1e-4):
+    """(..., V) -> (...) bool: the two best logits lie within `rel` of the logits' scale, so close that the
+    rounding of another CPU's kernels (another summation order) could swap them. An argmax taken there may
+    differ between two computation paths; exact comparisons of such decisions skip them."""
+    top = logits.topk(2, dim=-1).values
+    scale = logits.masked_fill(~torch.isfinite(logits), 0).abs().amax(-1).clamp(min=1.0)
+    return top[..., 0] - top[..., 1] <= rel * scale
+
+
 def auc(curves, fractions=FRACTIONS):
     """Area under score-vs-fraction curves (..., P), trapezoid rule, x 100: Chefer's convention, with the
     clean score at fraction 0, so a score of 1 throughout 0..0.9 gives 90."""
@@ -777,12 +812,21 @@ def auc(curves, fractions=FRACTIONS):
 def bootstrap(statistic, count, resamples=1000, level=0.95, seed=0):
     """Percentile bootstrap over `count` samples: statistic(weights) -> (R,) values of the statistic on R
     resamples, where weights (R, count) float64 (on the CPU) says how often each sample was drawn (a mean is
-    `weights @ values / count`; a corpus statistic is a weighted sum). Returns the (low, high) interval; the
-    same seed draws the same resamples, so intervals of differences between methods are paired."""
+    `weights @ values / count`; a corpus statistic is a weighted sum). Returns (estimate, low, high): the
+    statistic on the whole data (every weight 1) and the 95% interval. The same seed draws the same
+    resamples, so intervals of differences between methods are paired.
+
+    The estimate is computed in the same call as the resamples, and the interval always contains it: where
+    every resample gives the same value (or values equal but for rounding), sums taken over other weights
+    can land an ulp beside the estimate, on either side depending on the CPU's kernels, so the bounds are
+    widened to the estimate rather than left to the last bit."""
     g = torch.Generator().manual_seed(seed)
     drawn = torch.randint(count, (resamples, count), generator=g)
     weights = torch.zeros(resamples, count, dtype=torch.float64).scatter_add_(
         1, drawn, torch.ones(resamples, count, dtype=torch.float64))
+    weights = torch.cat([torch.ones(1, count, dtype=torch.float64), weights])          # row 0: the data itself
     values = torch.as_tensor(statistic(weights), dtype=torch.float64)
+    estimate, values = float(values[0]), values[1:]
     tail = (1 - level) / 2
-    return float(values.quantile(tail)), float(values.quantile(1 - tail))
+    low, high = float(values.quantile(tail)), float(values.quantile(1 - tail))
+    return estimate, min(low, estimate), max(high, estimate)

@@ -44,8 +44,10 @@ class TrainConfig:
     label_smoothing: float = 0.1
     ctc_weight: float = 1.0             # weight of the CTC gloss loss on the encoder (0: head untrained)
     signcl: float = 0.0                 # weight of the SignCL loss on the encoder's frame features
-    grad_clip: float = 1.0
-    select: str = "bleu4"               # validation metric that picks the best checkpoint: bleu4, accuracy, wer
+    grad_clip: float = 1.0              # largest gradient norm (0: no clipping)
+    select: str = "bleu4"               # validation metric that picks the best checkpoint: bleu4, accuracy, wer,
+                                        # ce (teacher-forced cross-entropy of the decoder)
+    stop_on: str = ""                   # validation metric that early stopping watches ("": the `select` one)
     patience: int = 0                   # early stopping after this many epochs without improvement (0: off)
     beam: int = 4                       # beam size for the final evaluation (1: greedy)
     alpha: float = 1.0                  # length penalty exponent of the beam search
@@ -55,12 +57,19 @@ class TrainConfig:
 # Each preset names the values that differ from the dataclass defaults above.
 PRESETS = {
     "default": dict(data={}, model={}, train={}),
-    "signattention": dict(   # Dal Bianco, Stanchi et al. 2024 (DATA.md section 1)
-        data=dict(normalise=False, subsample=3, max_frames=220, max_tokens=20, target="gloss", augment=False),
+    # Dal Bianco, Stanchi et al. 2024, as pedroodb/sign_attention trains it (src/KeypointsTransformer.py,
+    # LightningKeypointsTransformer.py, helpers.py, train.ipynb): nn.Transformer's post-LN layers with final
+    # LayerNorms and Xavier initialisation, frames with nothing detected masked, Adam without gradient
+    # clipping, the checkpoint of the lowest validation loss, early stopping on validation accuracy.
+    # Departure kept: at evaluation a chunk gives its first frame (the reference draws a random one).
+    "signattention": dict(
+        data=dict(normalise=False, subsample=3, max_frames=220, max_tokens=20, target="gloss", augment=False,
+                  mask_empty=True),
         model=dict(d_model=16, heads=8, encoder_layers=1, decoder_layers=1, feedforward=2048, embed_hidden=128,
-                   dropout=0.2, pos_dropout=0.1, norm_first=False),
+                   dropout=0.2, pos_dropout=0.1, norm_first=False, final_norm=True, init="xavier"),
         train=dict(epochs=300, batch_size=64, lr=1e-3, weight_decay=0.0, warmup_epochs=0, schedule="constant",
-                   label_smoothing=0.0, ctc_weight=0.0, select="accuracy", patience=30, beam=1)),
+                   label_smoothing=0.0, ctc_weight=0.0, grad_clip=0.0, select="ce", stop_on="accuracy",
+                   patience=30, beam=1)),
 }
 
 
@@ -79,6 +88,8 @@ def resolve_config(args):
             value = getattr(args, f.name, None)
             if value is not None:
                 setattr(section, f.name, value)
+    if model.d_model % model.heads:
+        raise sa.DataError(f"--d-model {model.d_model}: must be a multiple of the {model.heads} attention heads")
     if args.format == "signjoey" and getattr(args, "subsample", None) is None:
         data.subsample = 1
     data.format = args.format
@@ -134,15 +145,15 @@ def losses(model, batch, train_cfg, signcl, generator):
     pad = model.pad_id
     total = ce = F.cross_entropy(logits.flatten(0, 1), batch["tgt_out"].flatten(), ignore_index=pad,
                                  label_smoothing=train_cfg.label_smoothing)
-    frames = batch["src_mask"].sum(1)
+    frames = sa.frame_lengths(batch["src_mask"])
     if train_cfg.ctc_weight > 0:
         log_probs = model.gloss_logits(memory).log_softmax(-1).transpose(0, 1)          # (T, B, V)
         ctc = F.ctc_loss(log_probs, batch["gloss"], frames, batch["gloss_lengths"], blank=pad,
                          zero_infinity=True)
         total = total + train_cfg.ctc_weight * ctc
     if train_cfg.signcl > 0:
-        tokens = (batch["tgt_out"] != pad).sum(1)
-        margin = torch.tensor([signcl_margin(int(f), int(n)) for f, n in zip(frames, tokens)])
+        words = (batch["tgt_out"] != pad).sum(1) - 1                                    # without EOS
+        margin = torch.tensor([signcl_margin(int(f), int(n)) for f, n in zip(frames, words)])
         total = total + train_cfg.signcl * signcl(memory, margin, batch["src_mask"], generator)
     correct = ((logits.argmax(-1) == batch["tgt_out"]) & (batch["tgt_out"] != pad)).sum()
     return total, ce, correct, (batch["tgt_out"] != pad).sum()
@@ -188,8 +199,18 @@ def write_metrics(path, history):
     sa.atomic_write(path, lambda f: f.write(text.encode()))
 
 
+LOWER_IS_BETTER = ("wer", "ce")
+
+
 def is_better(metric, value, best):
-    return best is None or (value < best if metric == "wer" else value > best)
+    return best is None or (value < best if metric in LOWER_IS_BETTER else value > best)
+
+
+def epochs_since_best(history, metric):
+    """How many epochs have passed since the best value of `metric` (0: the last epoch is the best)."""
+    values = [h[metric] for h in history]
+    best = (min if metric in LOWER_IS_BETTER else max)(values)
+    return len(values) - 1 - max(i for i, v in enumerate(values) if v == best)
 
 
 def train(args):
@@ -231,8 +252,9 @@ def train(args):
         f"({', '.join(f'{s} {len(r)}' for s, r in records.items())}) read in {time.time() - start:.1f}s, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}")
     signcl = SignCL()
-    best = max((h[train_cfg.select] for h in history), default=None,
-               key=(lambda v: -v) if train_cfg.select == "wer" else None)
+    best = (min if train_cfg.select in LOWER_IS_BETTER else max)(
+        (h[train_cfg.select] for h in history), default=None)
+    stop_on = train_cfg.stop_on or train_cfg.select
     epoch_times = []
     for epoch in range(first_epoch, train_cfg.epochs + 1):
         tic = time.time()
@@ -248,7 +270,8 @@ def train(args):
             loss, ce, _, _ = losses(model, batch, train_cfg, signcl, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+            if train_cfg.grad_clip > 0:                                # clipping at 0 would zero every gradient
+                torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
             optimizer.step()
             total, count = total + loss.item() * len(indices), count + len(indices)
         val = evaluate(model, datasets["val"], train_cfg, device, beam=1)
@@ -266,9 +289,8 @@ def train(args):
         log(f"epoch {epoch:3d}/{train_cfg.epochs}  loss {record['loss']:.3f}  "
             + progress_metrics(record, config["data"]["target"])
             + f"  {record['seconds']:.1f}s  ETA {format_time(eta)}" + ("  *" if improved else ""))
-        since_best = len(history) - 1 - max(i for i, h in enumerate(history) if h[train_cfg.select] == best)
-        if train_cfg.patience and since_best >= train_cfg.patience:
-            log(f"early stop: no better validation {train_cfg.select} for {train_cfg.patience} epochs")
+        if train_cfg.patience and epochs_since_best(history, stop_on) >= train_cfg.patience:
+            log(f"early stop: no better validation {stop_on} for {train_cfg.patience} epochs")
             break
     report(run_dir, datasets, train_cfg, device, log, data_path)
     log(f"done in {format_time(time.time() - start)}; run folder {run_dir}")
@@ -299,7 +321,8 @@ def progress_metrics(m, target):
 
 @torch.no_grad()
 def evaluate(model, dataset, train_cfg, device, beam=None, alignments=None, batch_size=64):
-    """Decode a split; metrics of the decoder's target, gloss WER, token accuracy, and translation rows.
+    """Decode a split; metrics of the decoder's target, gloss WER, token accuracy, the decoder's teacher-forced
+    cross-entropy per token (ce, with the run's label smoothing), and translation rows.
 
     Gloss predictions come from the decoder when it writes glosses, otherwise from the CTC head. With
     `alignments` ({id: segments}), SDR is measured on the encoder features at the gloss segment centres.
@@ -307,7 +330,7 @@ def evaluate(model, dataset, train_cfg, device, beam=None, alignments=None, batc
     model.eval()
     beam = train_cfg.beam if beam is None else beam
     target = dataset.cfg.target
-    rows, correct, tokens, features, labels = [], 0, 0, [], []
+    rows, correct, tokens, loss, features, labels = [], 0, 0, 0.0, [], []
     for indices in dataset.batches(batch_size):
         batch = to(dataset.batch(indices), device)
         memory = model.encode(batch["src"], batch["src_mask"])
@@ -315,6 +338,8 @@ def evaluate(model, dataset, train_cfg, device, beam=None, alignments=None, batc
         real = batch["tgt_out"] != model.pad_id
         correct += int(((logits.argmax(-1) == batch["tgt_out"]) & real).sum())
         tokens += int(real.sum())
+        loss += float(F.cross_entropy(logits.flatten(0, 1), batch["tgt_out"].flatten(), ignore_index=model.pad_id,
+                                      label_smoothing=train_cfg.label_smoothing, reduction="sum"))
         out = sa.beam_search(model, batch["src"], batch["src_mask"], beam, train_cfg.alpha,
                              dataset.cfg.max_tokens + 1, memory)
         predictions = [" ".join(dataset.target_vocab.decode(o)) for o in out.tolist()]
@@ -335,6 +360,7 @@ def evaluate(model, dataset, train_cfg, device, beam=None, alignments=None, batc
     metrics = sa.translation_metrics(hyps, refs)
     metrics["wer"] = sa.wer([r["gloss_prediction"] for r in rows], [r["gloss_reference"] for r in rows])
     metrics["accuracy"] = 100.0 * correct / max(1, tokens)
+    metrics["ce"] = loss / max(1, tokens)
     if features:
         metrics["sdr"] = sdr(torch.stack(features).cpu(), labels)
     return dict(metrics=metrics, rows=rows)
@@ -343,7 +369,7 @@ def evaluate(model, dataset, train_cfg, device, beam=None, alignments=None, batc
 def frame_labels(memory, gloss_logits, mask, record, dataset, alignments):
     """Encoder features at the centre of each gloss occurrence, labelled with the gloss: from the true
     segments when alignments exist, else from the CTC Viterbi path of the reference glosses."""
-    n = int(mask.sum())
+    n = int(sa.frame_lengths(mask[None]))
     k = dataset.cfg.subsample
     if alignments:
         centres = [((a + b) // 2 // k, g) for _, g, a, b in alignments.get(record.id, [])]
@@ -521,9 +547,10 @@ def extract_samples(args, log, only=None, opened=None):
             relevance[method] = explain.explain(model, src, mask, out, method, return_tokens=True)
             seconds[method] += time.time() - tic
         ctc = sa.ctc_decode(posteriors.log(), mask)
+        lengths = sa.frame_lengths(mask)
         for b, i in enumerate(indices):
             r = dataset.records[i]
-            T, n = int(mask[b].sum()), int((out[b] != model.pad_id).sum())
+            T, n = int(lengths[b]), int((out[b] != model.pad_id).sum())
             half = lambda x: x.detach().to("cpu", torch.float16).clone()
             samples[i] = dict(
                 id=r.id, gloss_reference=r.gloss, text_reference=r.text,
@@ -579,8 +606,9 @@ def bench(args):
             continue
         tic, diff = time.time(), 0.0
         for (src, mask, out), rel in zip(inputs, fast):
+            lengths = sa.frame_lengths(mask)
             for b in range(len(src)):
-                T, n = int(mask[b].sum()), int((out[b] != model.pad_id).sum())
+                T, n = int(lengths[b]), int((out[b] != model.pad_id).sum())
                 for t in range(n):                           # one token per pass
                     row = torch.zeros(1, n, dtype=torch.bool, device=device)
                     row[0, t] = True
@@ -594,11 +622,13 @@ def bench(args):
 @torch.no_grad()
 def perturbation_loop(model, src, mask, out, relevance):
     """The token-level perturbation test written as its definition reads: one forward per sample, token,
-    direction and fraction, with the removed frames masked out of the sample's frames."""
+    direction and fraction, with the removed frames masked out of the sample's frames. Returns the scores
+    and where the decision was a near tie (explain.near_ties)."""
     scores = torch.full(out.shape + (2, len(explain.FRACTIONS)), float("nan"), device=src.device)
+    tied = torch.zeros(scores.shape, dtype=torch.bool, device=src.device)
     tgt_in = torch.cat([torch.full_like(out[:, :1], model.bos_id), out[:, :-1]], 1)
     for b in range(len(src)):
-        T = int(mask[b].sum())
+        T = int(sa.frame_lengths(mask[b:b + 1]))
         for t in range(int((out[b] != model.pad_id).sum())):
             salt = torch.tensor([t], device=src.device)                     # as the batched test salts it
             ranks = explain.removal_ranks(relevance[b:b + 1, t, :T], mask[b:b + 1, :T], salt=salt)
@@ -607,30 +637,34 @@ def perturbation_loop(model, src, mask, out, relevance):
                 for f in range(len(explain.FRACTIONS)):
                     logits = sa._decodable(model(src[b:b + 1, :T], keep[:, d, f], tgt_in[b:b + 1])[0, t], model)
                     scores[b, t, d, f] = float(logits.argmax() == out[b, t])
-    return scores
+                    tied[b, t, d, f] = explain.near_ties(logits)
+    return scores, tied
 
 
 def bench_perturbation(model, dataset, methods, limit, device, log):
     """The batched token-level perturbation test of `python run.py perturb` (every removal of every token of
     the samples at once) against the loop of one forward per token, direction and fraction: seconds per
-    sample side by side, and how many scores differ."""
+    sample side by side, how many scores differ where the decision is clear, and how many decisions are near
+    ties (the two best logits within rounding: either answer is right, and kernels may pick either)."""
     batch = to(dataset.batch(list(range(len(dataset)))[:limit]), device)
     src, mask = batch["src"], batch["src_mask"]
     out = sa.greedy_decode(model, src, mask, dataset.cfg.max_tokens + 1)
     count, tokens = len(src), int((out != model.pad_id).sum())
     log(f"token-level perturbation tests: {count} samples, {tokens} tokens, 2 directions x 10 fractions, "
         f"frames removed by the key mask, device {device}")
-    log(f"{'method':>24}  {'batched s/sample':>16}  {'loop s/sample':>13}  {'speed-up':>8}  {'scores differ':>13}")
+    log(f"{'method':>24}  {'batched s/sample':>16}  {'loop s/sample':>13}  {'speed-up':>8}  {'scores differ':>13}  "
+        f"{'near ties':>9}")
     for method in methods:
         relevance = explain.explain(model, src, mask, out, method)
         tic = time.time()
         fast = explain.token_perturbation(model, src, mask, out, relevance)
         batched = (time.time() - tic) / count
         tic = time.time()
-        slow = perturbation_loop(model, src, mask, out, relevance)
+        slow, tied = perturbation_loop(model, src, mask, out, relevance)
         loop = (time.time() - tic) / count
-        differ = int(((fast != slow) & ~fast.isnan()).sum())
-        log(f"{method:>24}  {batched:16.4f}  {loop:13.4f}  {loop / batched:7.1f}x  {differ:13d}")
+        differ = int(((fast != slow) & ~fast.isnan() & ~tied).sum())
+        log(f"{method:>24}  {batched:16.4f}  {loop:13.4f}  {loop / batched:7.1f}x  {differ:13d}  "
+            f"{int((tied & ~fast.isnan()).sum()):9d}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -669,7 +703,9 @@ def pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    plt.rcParams.update({"font.family": "DejaVu Sans", "figure.dpi": 110})   # DejaVu Sans has Greek glyphs
+    # DejaVu Sans has Greek glyphs; at 160 dpi the tonos of a 7-9 pt ί stays apart from its stem (at 110 dpi
+    # "πηγαίνεις" read "πηγα(νεις")
+    plt.rcParams.update({"font.family": "DejaVu Sans", "figure.dpi": 160})
     return plt
 
 
@@ -679,7 +715,7 @@ def model_segments(segments, k):
 
 
 def token_ticks(ax, tokens, axis="y"):
-    size = 9 if len(tokens) <= 12 else 7
+    size = 9 if len(tokens) <= 12 else 8
     ticks = range(len(tokens))
     if axis == "y":
         ax.set_yticks(ticks, tokens, fontsize=size)
@@ -1144,10 +1180,6 @@ def perturb(args):
     and the pointing game and relevance mass in the true segments where alignments exist."""
     log = lambda msg: print(msg, flush=True)
     start = time.time()
-    if args.limit is not None and args.limit < 1:
-        raise sa.DataError(f"--limit {args.limit}: give at least 1 sample")
-    if not 10 <= args.bootstrap <= 100000:
-        raise sa.DataError(f"--bootstrap {args.bootstrap}: give 10 to 100000 resamples")
     methods = method_list(args.methods)
     named = args.methods != "all"
     methods += [] if "random" in methods else ["random"]
@@ -1159,10 +1191,11 @@ def perturb(args):
     B, target = len(samples), dataset.target_vocab
     batch = to(dataset.batch(list(range(B))), device)
     src, mask = batch["src"], batch["src_mask"]
+    lengths = sa.frame_lengths(mask)
     for b, s in enumerate(samples):
-        if s["frames"] != int(mask[b].sum()):
+        if s["frames"] != int(lengths[b]):
             raise sa.DataError(f"{run_dir}/extract_{args.split}.pt: sample {s['id']} has {s['frames']} frames, the data "
-                               f"{int(mask[b].sum())} (extracted from other data? run `python run.py extract` again)")
+                               f"{int(lengths[b])} (extracted from other data? run `python run.py extract` again)")
         for m in methods:
             if not torch.isfinite(s["relevance"][m]).all():
                 raise sa.DataError(f"{run_dir}: the {m} relevance of sample {s['id']} holds NaN or infinite values")
@@ -1257,27 +1290,26 @@ def perturb_table(curves, stats, plausibility, resamples, seed):
         return lambda w: (w[:, occurrence] @ values) / w[:, occurrence].sum(-1).clamp(min=1)
 
     def beats(statistic, random_statistic, lower_is_better):
-        low, high = interval(lambda w: statistic(w) - random_statistic(w))
+        _, low, high = interval(lambda w: statistic(w) - random_statistic(w))
         return high < 0 if lower_is_better else low > 0
 
     rows = []
     for m in curves:
         row, better = dict(method=m), []
         for d, direction in enumerate(explain.DIRECTIONS):
-            row[direction] = (float(AUC[m][:, d].mean()), *interval(mean(AUC[m][:, d])))
+            row[direction] = interval(mean(AUC[m][:, d]))
             if beats(mean(AUC[m][:, d]), mean(AUC["random"][:, d]), d == 0):
                 better.append(direction)
             if stats:
-                point = float(explain.auc(sa.bleu_from_statistics(stats[m].sum(0).numpy())[d] / 100))
-                row[f"bleu_{direction}"] = (point, *interval(corpus_bleu(stats[m], d)))
+                row[f"bleu_{direction}"] = interval(corpus_bleu(stats[m], d))
                 if beats(corpus_bleu(stats[m], d), corpus_bleu(stats["random"], d), d == 0):
                     better.append(f"BLEU {direction}")
         if plausibility:
             (hits, mass), (random_hits, _) = plausibility[m], plausibility["random"]
             row["occurrences"] = len(hits)
             if len(hits):
-                row["pointing"] = (float(100 * hits.mean()), *interval(share(100 * hits)))
-                row["mass"] = (float(100 * mass.mean()), *interval(share(100 * mass)))
+                row["pointing"] = interval(share(100 * hits))
+                row["mass"] = interval(share(100 * mass))
                 if beats(share(hits), share(random_hits), False):
                     better.append("pointing")
         row["beats_random"] = better if m != "random" else None
@@ -1405,48 +1437,77 @@ def plot_curves(stem, means, rows, args, count):
 # Command line
 # ----------------------------------------------------------------------------------------------------
 
-def seed_value(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= value < 2 ** 63:
-        raise argparse.ArgumentTypeError(f"{text} is not in 0 .. 2**63 - 1")
-    return value
+class Number:
+    """An argparse type for a numeric option: `kind` (int or float), finite, at least `low` (above it when
+    `open_low`) and at most `high`; a value out of range is refused before any work is done."""
+
+    def __init__(self, kind, low=None, high=None, open_low=False):
+        self.kind, self.low, self.high, self.open_low = kind, low, high, open_low
+        self.__name__ = kind.__name__                      # argparse names the type in its messages
+
+    def __call__(self, text):
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if self.kind is int else 'a number'}")
+        if not math.isfinite(value) or (self.low is not None and (value <= self.low if self.open_low
+                                                                  else value < self.low)) \
+                or (self.high is not None and value > self.high):
+            raise argparse.ArgumentTypeError(f"{text} is not {self.describe()}")
+        return value
+
+    def describe(self):
+        low = "" if self.low is None else f"{'>' if self.open_low else '>='} {self.low}"
+        if self.high is None:
+            return f"{'an integer' if self.kind is int else 'a number'} {low}"
+        return f"in {self.low} .. {self.high}"
+
+
+COUNT = Number(int, 1)                      # epochs, batch sizes, layers, beams, sample limits
+INDEX = Number(int, 0)                      # a sample index, a patience
+WEIGHT = Number(float, 0.0)                 # loss weights
+SEED = Number(int, 0, 2 ** 63 - 1)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (no usage block): `run.py train: error: argument --epochs: ...`."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def parser():
-    p = argparse.ArgumentParser(description="Interpretable sign language translation: train, evaluate, explain.")
+    p = Parser(description="Interpretable sign language translation: train, evaluate, explain.")
     sub = p.add_subparsers(dest="mode", required=True)
-    shared = argparse.ArgumentParser(add_help=False)
+    shared = Parser(add_help=False)
     shared.add_argument("--data", help=f"dataset folder or signjoey prefix (default: {SYNTHETIC}, generated if missing)")
     shared.add_argument("--format", choices=("gsl", "signjoey"), default="gsl", help="dataset layout (DATA.md 1 or 2)")
     shared.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to compute")
     shared.add_argument("--skip-bad", action="store_true", help="skip bad samples with a warning instead of stopping")
-    shared.add_argument("--seed", type=seed_value, help="random seed (default 0)")
+    shared.add_argument("--seed", type=SEED, help="random seed (default 0)")
 
     t = sub.add_parser("train", parents=[shared], help="train a model (default: synthetic GSL)")
     t.add_argument("--out", help="run folder (default: runs/<time>-<data>-<preset>)")
     t.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
     t.add_argument("--preset", choices=sorted(PRESETS), default="default", help="configuration to start from")
-    t.add_argument("--epochs", type=int, help="number of training epochs")
-    t.add_argument("--batch-size", type=int, help="samples per batch")
-    t.add_argument("--lr", type=float, help="peak learning rate")
-    t.add_argument("--signcl", type=float, help="weight of the SignCL loss on the encoder features (e.g. 0.01)")
-    t.add_argument("--ctc-weight", type=float, help="weight of the CTC gloss loss (0 disables the gloss head)")
+    t.add_argument("--epochs", type=COUNT, help="number of training epochs")
+    t.add_argument("--batch-size", type=COUNT, help="samples per batch")
+    t.add_argument("--lr", type=Number(float, 0.0, open_low=True), help="peak learning rate")
+    t.add_argument("--signcl", type=WEIGHT, help="weight of the SignCL loss on the encoder features (e.g. 0.01)")
+    t.add_argument("--ctc-weight", type=WEIGHT, help="weight of the CTC gloss loss (0 disables the gloss head)")
     t.add_argument("--target", choices=("text", "gloss"), help="what the decoder writes")
-    t.add_argument("--subsample", type=int, help="keep one frame per chunk of this many")
-    t.add_argument("--d-model", type=int, help="transformer width")
-    t.add_argument("--encoder-layers", type=int, help="encoder depth")
-    t.add_argument("--decoder-layers", type=int, help="decoder depth")
-    t.add_argument("--patience", type=int, help="early stopping patience in epochs (0: off)")
-    t.add_argument("--beam", type=int, help="beam size of the final evaluation (1: greedy)")
+    t.add_argument("--subsample", type=COUNT, help="keep one frame per chunk of this many")
+    t.add_argument("--d-model", type=COUNT, help="transformer width")
+    t.add_argument("--encoder-layers", type=COUNT, help="encoder depth")
+    t.add_argument("--decoder-layers", type=COUNT, help="decoder depth")
+    t.add_argument("--patience", type=INDEX, help="early stopping patience in epochs (0: off)")
+    t.add_argument("--beam", type=COUNT, help="beam size of the final evaluation (1: greedy)")
 
     e = sub.add_parser("eval", parents=[shared], help="evaluate a trained run on a split")
     e.add_argument("run", nargs="?", help="run folder (default: the most recent under runs/)")
     e.add_argument("--split", choices=sa.SPLITS, default="test", help="split to evaluate")
     e.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint")
-    e.add_argument("--beam", type=int, help="beam size (default: the run's)")
+    e.add_argument("--beam", type=COUNT, help="beam size (default: the run's)")
 
     for name, helptext in (("extract", "decode a split and save attention, CTC posteriors and relevance"),
                            ("bench", "time batched explanations against the per-token loop")):
@@ -1454,14 +1515,14 @@ def parser():
         x.add_argument("run", nargs="?", help="run folder (default: the most recent under runs/)")
         x.add_argument("--split", choices=sa.SPLITS, default="test", help="split to explain")
         x.add_argument("--methods", default="all", help="comma-separated methods, or all")
-        x.add_argument("--batch-size", type=int, default=16, help="samples per batch")
-        x.add_argument("--limit", type=int, default=20 if name == "bench" else None, help="first K samples only")
+        x.add_argument("--batch-size", type=COUNT, default=16, help="samples per batch")
+        x.add_argument("--limit", type=COUNT, default=20 if name == "bench" else None, help="first K samples only")
         if name == "extract":
-            x.add_argument("--beam", type=int, help="beam size of the decoding (default: the run's)")
+            x.add_argument("--beam", type=COUNT, help="beam size of the decoding (default: the run's)")
         else:
             x.add_argument("--perturb", action="store_true",
                            help="time the token-level perturbation tests instead, against one forward per removal")
-    figures = argparse.ArgumentParser(add_help=False)       # the modes that draw: --format is the figure type
+    figures = Parser(add_help=False)       # the modes that draw: --format is the figure type
     figures.add_argument("run", nargs="?", help="run folder (default: the most recent under runs/)")
     figures.add_argument("--data", help="dataset folder (default: the run's)")
     figures.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to compute")
@@ -1470,7 +1531,7 @@ def parser():
     figures.add_argument("--format", dest="format", choices=("png", "pdf", "svg"), default="png", help="figure file type")
     pl = sub.add_parser("plot", parents=[figures],
                         help="draw the SignAttention figures from the extraction (made if missing)")
-    pl.add_argument("--sample", type=int, default=0, help="index of the sample in the extraction")
+    pl.add_argument("--sample", type=INDEX, default=0, help="index of the sample in the extraction")
     pl.add_argument("--all", action="store_true", help="the global analyses over the whole split")
     pl.add_argument("--animate", action="store_true", help="also a GIF of the skeleton with attention bars")
     pe = sub.add_parser("perturb", parents=[figures],
@@ -1480,9 +1541,9 @@ def parser():
                     help="token: is each teacher-forced token still first; sentence: greedy decoding, accuracy, BLEU")
     pe.add_argument("--perturb-mode", choices=explain.MODES, default="mask",
                     help="mask: removed frames leave the encoder's key mask; zero: they are replaced by zeros")
-    pe.add_argument("--limit", type=int, help="first K samples only (a quick table)")
-    pe.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the 95%% intervals")
-    pe.add_argument("--seed", type=seed_value, help="seed of the tie-breaking and the bootstrap (default 0)")
+    pe.add_argument("--limit", type=COUNT, help="first K samples only (a quick table)")
+    pe.add_argument("--bootstrap", type=Number(int, 10, 100000), default=1000, help="bootstrap resamples of the 95%% intervals")
+    pe.add_argument("--seed", type=SEED, help="seed of the tie-breaking and the bootstrap (default 0)")
     return p
 
 

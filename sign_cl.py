@@ -1,29 +1,52 @@
 """SignCL (Ye et al., NeurIPS 2024): a frame-level contrastive loss, and the representation density (SDR).
 
 SignCL pulls each frame's feature towards its temporal neighbours and pushes it away from frames further
-than `margin` away, so that frames of different signs stop crowding together. METHODS.md section SignCL
-gives the reference behaviour; this version is vectorised over anchors, seedable, honours the padding
-mask, and is meant to be back-propagated (total loss = task loss + lambda * SignCL).
+than a margin away, so that frames of different signs stop crowding together. Reference: JinhuiYE/SignCL
+(`SignCL.py`, and the margin of its training scripts `examples/GFSLT-VLP/train_*_SignCL.py`). This version
+is vectorised over anchors, seedable, honours the padding mask, and is meant to be back-propagated (total
+loss = task loss + lambda * SignCL; the released pretraining script computes the loss without
+back-propagating it).
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from signattention import frame_lengths
 
-def signcl_margin(num_frames, text_length):
-    """The reference's negative-sampling margin: min(20, max(10, int(num_frames // text_length * 2.3)))."""
-    return min(20, max(10, int(num_frames // max(text_length, 1) * 2.3)))
+
+def signcl_margin(num_frames, words):
+    """Negatives lie more than this many frames from the anchor (the paper's Eq. 4 and the released training
+    scripts): twice max(10, frames per word x 2.3, the Zipf factor), capped at (frames - 30) / 2 so that a
+    short clip keeps frames to draw negatives from:
+
+        min(2 * max(10, int(num_frames / words * 2.3)), max(1, (num_frames - 30) // 2))
+
+    `words` is the number of words of the sample's text (its tokens without EOS). Departures: per sample (the
+    scripts use the padded batch length and the tokenizer's length with special tokens, and write
+    `(T // L + 1) * 2.3`; the paper writes T / L); the cap never goes below 1. The repository README's
+    `min(20, max(10, ...))` is half of what the paper and every script use, and is not followed."""
+    return min(2 * max(10, int(num_frames / max(words, 1) * 2.3)), max(1, (num_frames - 30) // 2))
 
 
 class SignCL(nn.Module):
     """Per anchor frame i of a sequence of L real frames (the reference's range 1 <= i <= L - 3):
-    positives are the `pos_samples` nearest frames (i - 1 and i + 1 for 2), negatives `neg_samples` frames
-    drawn without replacement from 2 <= j <= L - 3 with |j - i| > margin. With d the L1 distance (or L2),
+    positives are up to `pos_samples` of the frames i - 1 and i + 1 (in random order; never farther, as in
+    the reference and the paper's Eq. 4, so more than 2 acts as 2), negatives `neg_samples` frames drawn
+    without replacement from 2 <= j <= L - 3 with |j - i| > margin. With d the distance between features,
 
         loss_i = mean_pos softplus(d_pos - max_distance) + mean_neg softplus(max_distance - d_neg)
 
     averaged over the anchors that have at least one negative. An anchor without one contributes nothing;
-    a batch without any gives 0 (never NaN)."""
+    a batch without any gives 0 (never NaN).
+
+    `distance="l1"` (default) is the reference code's L1 distance. `distance="l2"` puts the Euclidean distance
+    into the same softplus loss; it is not the paper's Eq. 5, which is a hinge of another form,
+    d_pos + max(0, m - d_neg) with m = 64, and is not offered here.
+
+    Departures from the reference, each deliberate: the padding mask is honoured (the reference reads padded
+    frames as frames); the sampling comes from a seedable generator, vectorised; the loss is divided once by
+    the number of contributing anchors (the reference divides by the batch size twice); each sample has its
+    own margin."""
 
     def __init__(self, max_distance=32.0, pos_samples=2, neg_samples=4, distance="l1"):
         super().__init__()
@@ -36,25 +59,21 @@ class SignCL(nn.Module):
         diff = a - b
         return diff.abs().sum(-1) if self.distance == "l1" else diff.pow(2).sum(-1).clamp_min(1e-12).sqrt()
 
-    def forward(self, features, margin, mask=None, generator=None):
-        """features (B, T, C); margin an int or a (B,) tensor; mask (B, T) bool, True = real frame
-        (real frames first); generator a torch.Generator on the CPU for the sampling."""
-        B, T, C = features.shape
-        dev = features.device
-        lengths = mask.sum(1).to(dev) if mask is not None else torch.full((B,), T, device=dev)
+    def sample(self, lengths, margin, T, generator=None):
+        """The frames each anchor is compared with, for sequences of `lengths` real frames padded to T:
+        (anchor_ok (B, T), pos_idx, pos_ok (B, T, 2), neg_idx, neg_ok (B, T, k)); an index whose `ok` is
+        False is a placeholder."""
+        B, dev = len(lengths), lengths.device
         margin = torch.as_tensor(margin, device=dev).expand(B)
         i = torch.arange(T, device=dev)
         anchor_ok = (i[None] >= 1) & (i[None] <= lengths[:, None] - 3)                  # (B, T)
 
-        # positives: the nearest offsets, +-1 first; random order within a distance for odd counts
-        reach = (self.pos_samples + 1) // 2
-        offsets = torch.tensor([o for r in range(1, reach + 1) for o in (-r, r)], device=dev)
-        order = torch.rand(B, T, len(offsets), generator=generator).to(dev)
-        order = order + torch.arange(reach, device=dev).repeat_interleave(2)            # nearer ranks first
-        pos_idx = i[None, :, None] + offsets[order.argsort(-1)]                          # (B, T, 2 * reach)
+        # positives: i - 1 and i + 1 in random order, the first pos_samples of them that exist
+        offsets = torch.tensor([-1, 1], device=dev)
+        order = torch.rand(B, T, 2, generator=generator).to(dev)
+        pos_idx = i[None, :, None] + offsets[order.argsort(-1)]                          # (B, T, 2)
         pos_ok = (pos_idx >= 0) & (pos_idx < lengths[:, None, None])
-        pos_rank = pos_ok.long().cumsum(-1)
-        pos_ok = pos_ok & (pos_rank <= self.pos_samples)
+        pos_ok = pos_ok & (pos_ok.long().cumsum(-1) <= self.pos_samples)
         pos_idx = pos_idx.clamp(0, T - 1)
 
         # negatives: random scores over the allowed frames, the top neg_samples of them
@@ -64,8 +83,16 @@ class SignCL(nn.Module):
         k = min(self.neg_samples, T)
         score = torch.rand(B, T, T, generator=generator).to(dev).masked_fill(~allowed, -1.0)
         top, neg_idx = score.topk(k, dim=-1)                                             # (B, T, k)
-        neg_ok = top >= 0
+        return anchor_ok, pos_idx, pos_ok, neg_idx, top >= 0
 
+    def forward(self, features, margin, mask=None, generator=None):
+        """features (B, T, C); margin an int or a (B,) tensor (see signcl_margin); mask (B, T) bool, True =
+        real frame (a sample's frames run up to its last real one); generator a torch.Generator on the CPU
+        for the sampling."""
+        B, T, C = features.shape
+        dev = features.device
+        lengths = frame_lengths(mask).to(dev) if mask is not None else torch.full((B,), T, device=dev)
+        anchor_ok, pos_idx, pos_ok, neg_idx, neg_ok = self.sample(lengths, margin, T, generator)
         contributing = anchor_ok & neg_ok.any(-1) & pos_ok.any(-1)
         if not contributing.any():
             return features.sum() * 0.0
@@ -80,23 +107,31 @@ class SignCL(nn.Module):
 
 
 def sdr(features, labels):
-    """Sign density ratio in %: mean over classes c of (mean intra-class pairwise Euclidean distance) /
-    (mean distance from class c's features to every other class's). Lower = better separated.
-    Classes with a single feature have no intra-class distance and are left out."""
+    """Sign density ratio in % (the SignCL paper's Eqs. 1-3): for each class c,
+
+        D(c) = mean pairwise Euclidean distance between c's features,
+        D(c, d) = mean distance between the features of c and those of d,
+        ratio(c) = D(c) / mean over the other classes d of D(c, d),
+
+    and SDR = 100 x the mean of ratio(c) over classes. The denominator averages over classes, each weighing
+    the same however many instances it has (not over instances, which would let frequent classes dominate).
+    A class with a single feature has no D(c) and is left out of the mean, but counts as another class for
+    the others. Lower = better separated."""
     features, labels = features.double(), torch.as_tensor(labels)
-    dist = torch.cdist(features, features)
-    ratios = []
-    for c in labels.unique():
-        inside = labels == c
-        n = int(inside.sum())
-        if n < 2 or bool(inside.all()):
-            continue
-        intra = dist[inside][:, inside].sum() / (n * (n - 1))
-        inter = dist[inside][:, ~inside].mean()
-        ratios.append(intra / inter)
-    if not ratios:
+    classes, index = labels.unique(return_inverse=True)
+    if len(classes) < 2:
         return float("nan")
-    return 100.0 * float(torch.stack(ratios).mean())
+    dist = torch.cdist(features, features)
+    one_hot = F.one_hot(index, len(classes)).double()                            # (N, K)
+    counts = one_hot.sum(0)
+    between = one_hot.T @ dist @ one_hot                                         # (K, K) summed distances
+    mean = between / (counts[:, None] * counts[None, :])                         # D(c, d); D(c) below
+    intra = between.diagonal() / (counts * (counts - 1)).clamp(min=1)
+    others = (mean.sum(1) - mean.diagonal()) / (len(classes) - 1)
+    ratios = (intra / others)[counts >= 2]
+    if not len(ratios):
+        return float("nan")
+    return 100.0 * float(ratios.mean())
 
 
 def ctc_viterbi(log_probs, target, blank=0):

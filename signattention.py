@@ -702,6 +702,7 @@ class DataConfig:
     max_tokens: int = 20            # output tokens before EOS
     target: str = "text"            # what the decoder writes: text or gloss
     augment: bool = True            # random rotation, scale and shift in training
+    mask_empty: bool = False        # also mask frames with nothing detected (every feature 0), as SignAttention
 
 
 def load_records(data, cfg, splits=SPLITS, on_bad=None):
@@ -749,7 +750,12 @@ class SignDataset:
 
     def batch(self, indices, generator=None):
         """Padded batch: src (B, T, F), src_mask (B, T) True = real frame, tgt_in/tgt_out (B, n),
-        gloss ids (B, g) with lengths for CTC."""
+        gloss ids (B, g) with lengths for CTC. With `mask_empty`, frames with nothing detected are masked
+        too, so the mask can have holes: `frame_lengths(src_mask)` gives each sample's length.
+
+        SignAttention (pedroodb/sign_attention, helpers.create_src_mask) masks a frame whose features sum
+        to 0; here a frame is masked when every feature is 0 (a sum can cancel), and a sample whose every
+        frame is empty keeps its frames rather than leave attention nothing to attend to."""
         frames = [self.frames(i, generator) for i in indices]
         T = max(len(x) for x in frames)
         src = torch.zeros(len(indices), T, frames[0].shape[1])
@@ -757,6 +763,9 @@ class SignDataset:
         for b, x in enumerate(frames):
             src[b, :len(x)] = torch.from_numpy(x)
             src_mask[b, :len(x)] = True
+        if self.cfg.mask_empty:           # SignAttention's padding mask: frames whose features are all 0
+            seen = src_mask & (src != 0).any(-1)
+            src_mask = torch.where(seen.any(1, keepdim=True), seen, src_mask)   # a sample keeps a frame
         tokens = [self.tokens(i) for i in indices]
         n = max(len(t) for t in tokens) + 1
         tgt_in = torch.full((len(indices), n), self.target_vocab.pad_id)
@@ -814,6 +823,8 @@ class ModelConfig:
     dropout: float = 0.1
     pos_dropout: float = 0.1
     norm_first: bool = True          # pre-LayerNorm (False: post-LayerNorm, as SignAttention)
+    final_norm: bool = True          # a LayerNorm after the last encoder and decoder layer (nn.Transformer's)
+    init: str = "default"            # "default": PyTorch's layer defaults; "xavier": nn.Transformer's
 
 
 class Attention(nn.Module):
@@ -923,12 +934,33 @@ class SignTranslator(nn.Module):
                                    nn.Linear(cfg.embed_hidden, d), nn.ReLU())
         self.pos_drop = nn.Dropout(cfg.pos_dropout)
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
-        self.encoder_norm = nn.LayerNorm(d) if cfg.norm_first else nn.Identity()
+        self.encoder_norm = nn.LayerNorm(d) if cfg.final_norm else nn.Identity()
         self.gloss_head = nn.Linear(d, cfg.n_gloss)
         self.token_embed = nn.Embedding(cfg.n_out, d, padding_idx=self.pad_id)
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
-        self.decoder_norm = nn.LayerNorm(d) if cfg.norm_first else nn.Identity()
+        self.decoder_norm = nn.LayerNorm(d) if cfg.final_norm else nn.Identity()
         self.head = nn.Linear(d, cfg.n_out)
+        if cfg.init == "xavier":
+            self.xavier_init()
+        elif cfg.init != "default":
+            raise ValueError(f"init must be 'default' or 'xavier', not {cfg.init!r}")
+
+    def xavier_init(self):
+        """nn.Transformer's initialisation (its _reset_parameters, after MultiheadAttention's): every weight
+        matrix of the encoder and decoder layers Xavier-uniform, attention biases 0, feed-forward biases and
+        LayerNorms as PyTorch makes them; the embedders and the output heads keep PyTorch's defaults, as
+        they sit outside nn.Transformer. Query, key and value are one (3d, d) matrix there, so their bound is
+        sqrt(6 / (d + 3d))."""
+        d = self.cfg.d_model
+        for layer in list(self.encoder) + list(self.decoder):
+            for name, p in layer.named_parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
+            for attention in (m for m in layer.modules() if isinstance(m, Attention)):
+                for linear in (attention.query, attention.key, attention.value):
+                    nn.init.uniform_(linear.weight, -math.sqrt(6 / (4 * d)), math.sqrt(6 / (4 * d)))
+                for linear in (attention.query, attention.key, attention.value, attention.proj):
+                    nn.init.zeros_(linear.bias)
 
     def attention_modules(self):
         """{'encoder_self': [...], 'decoder_self': [...], 'decoder_cross': [...]}, one module per layer."""
@@ -1050,10 +1082,18 @@ def beam_search(model, src, src_mask, beam=4, alpha=1.0, max_len=30, memory=None
     return out
 
 
+def frame_lengths(mask):
+    """Each sample's length, up to its last real frame: (B, T) bool -> (B,) long. A mask can have holes
+    (DataConfig.mask_empty), so a length is not the count of real frames."""
+    T = mask.shape[1]
+    return torch.where(mask.any(1), T - mask.flip(1).int().argmax(1), 0)
+
+
 def ctc_decode(gloss_logits, src_mask, blank=0):
-    """Greedy CTC: best class per real frame, repeats merged, blanks dropped -> list of id lists."""
+    """Greedy CTC: best class per frame up to the last real one, repeats merged, blanks dropped -> list of id
+    lists."""
     best = gloss_logits.argmax(-1).cpu()
-    lengths = src_mask.sum(1).cpu()
+    lengths = frame_lengths(src_mask).cpu()
     out = []
     for path, n in zip(best, lengths):
         path = torch.unique_consecutive(path[:n]).tolist()
@@ -1184,7 +1224,9 @@ def load_checkpoint(path, device="cpu"):
 
 
 def model_from_checkpoint(state, device="cpu"):
-    model = SignTranslator(ModelConfig(**state["model_config"]))
+    config = dict(state["model_config"])
+    config.setdefault("final_norm", config.get("norm_first", True))   # older post-LN models had no final norms
+    model = SignTranslator(ModelConfig(**config))
     model.load_state_dict(state["model"])
     model.data_config = DataConfig(**state["data_config"])
     return model.to(device).eval()
