@@ -1009,16 +1009,16 @@ def plot_all(run_dir, data, data_path, fmt, log):
             written.append(path)
 
         lengths = sorted(g["profiles"])
-        fig, axes = plt.subplots(1, len(lengths), figsize=(3.4 * len(lengths), 3.6), squeeze=False, layout="constrained")
+        fig, axes = plt.subplots(1, len(lengths), figsize=(3.6 * len(lengths), 3.6), squeeze=False, layout="constrained")
         for ax, L in zip(axes[0], lengths):
             mean = torch.stack(g["profiles"][L]).mean(0).numpy()
             im = ax.imshow(mean, aspect="auto", cmap="viridis", extent=[0, 100, len(mean) - 0.5, -0.5])
             plt.colorbar(im, ax=ax, label="attention mass", fraction=0.046, pad=0.02)
             ax.set_yticks(range(len(mean)), [str(i + 1) for i in range(len(mean))])
             ax.set_xlabel("video position (% of frames)")
-            ax.set_ylabel("token position")
             ax.set_title(f"{L}{'+' if L == 5 else ''} token{'s' if L > 1 else ''} ({len(g['profiles'][L])} samples)"
                          + (", first 5 shown" if L == 5 else ""), fontsize=10)
+        fig.supylabel("token position", fontsize=10)        # once: beside each colour bar it met its label
         fig.suptitle(f"Decoder cross-attention (last layer) by relative video position: {label}", fontsize=10)
         save(fig, "cross_attention_by_length")
         scores = [float(np.nanmean(d)) if d else float("nan") for d in g["diagonality"]]
