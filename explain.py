@@ -4,8 +4,9 @@
 
 Row t of a sample's relevance is how much each frame mattered for the score s_t of out_tokens[:, t], given
 the frames and the tokens before it (the decoder input is BOS followed by out_tokens[:, :-1]). Padded frames
-and padded rows are 0; signed methods stay signed. METHODS.md defines each method; the table METHODS below
-maps names to functions, each a few lines over two shared pieces written once:
+and padded rows are 0; signed methods stay signed. Each method's docstring says what it computes and which
+paper and reference code it follows; the table METHODS below maps names to functions, each a few lines over
+two shared pieces written once:
 
 - `_Pass`: one teacher-forced forward over *copies* (one copy per explained token: sample b, position t)
   that keeps every attention map; one backward of the sum of the copies' scores then gives every token
@@ -13,14 +14,20 @@ maps names to functions, each a few lines over two shared pieces written once:
 - `_Relprop`: LRP (Chefer et al., CVPR 2021 rules) walked backwards through the same model class that
   trains, from activations recorded by forward hooks.
 
-Below the methods: the analyses behind the global figures, and the perturbation tests that ask whether a
-relevance is faithful (token_perturbation, sentence_perturbation, auc, bootstrap).
+Below the methods: what `python run.py extract` keeps per sample (extract_batch); the analyses behind the
+global figures (global_numbers, token_segments); the perturbation tests that ask whether a relevance is
+faithful (token_perturbation, sentence_perturbation, auc, bootstrap), the table and verdicts built on them
+(perturb_table, verdict), and plausibility against true gloss segments (plausibility).
 """
 import math
+import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from signattention import (EOS, Vocabulary, beam_search, bleu_from_statistics, bleu_statistics, ctc_decode, decodable,
+                           frame_lengths, greedy_decode, shift_right, sinusoid)
 
 METHODS = ("attention", "rollout", "gradcam", "saliency", "input_x_gradient", "integrated_gradients", "lrp",
            "partial_lrp", "transformer_attribution", "generic", "dsmi", "dsmi_grad", "dsmi_grad_attn", "random")
@@ -40,7 +47,7 @@ def explain(model, src, src_mask, out_tokens, method="generic", return_tokens=Fa
     over the decoder inputs (BOS, y_1, .., y_{n-1}) for the methods that give one, else None.
 
     rows (B, n) bool picks the tokens to explain (default: every non-padding token); other rows are 0.
-    Options (METHODS.md defaults): layer=-1 (attention, gradcam, partial_lrp: which decoder layer),
+    Options (DEFAULTS): layer=-1 (attention, gradcam, partial_lrp: which decoder layer),
     score='logit' or 'logprob', steps=64 (integrated_gradients), transpose=True (generic's cross rule as the
     reference code), seed=0 (random), chunk=256 (tokens explained per batched pass), eps=1e-9 (LRP).
     """
@@ -61,7 +68,7 @@ def explain(model, src, src_mask, out_tokens, method="generic", return_tokens=Fa
         g = torch.Generator().manual_seed(opts["seed"])
         frames = torch.rand(B, n, T, generator=g).to(src.device) * src_mask[:, None] * rows[..., None]
         return (frames, None) if return_tokens else frames
-    tgt_in = torch.cat([torch.full_like(out_tokens[:, :1], model.bos_id), out_tokens[:, :-1]], 1)
+    tgt_in = shift_right(out_tokens, model.bos_id)
     b_idx, t_idx = rows.nonzero(as_tuple=True)                       # ordered by sample, then token
     if method in FLOAT64 and src.dtype != torch.float64:
         with torch.random.fork_rng(devices=[]):                        # building the twin draws no numbers
@@ -73,12 +80,12 @@ def explain(model, src, src_mask, out_tokens, method="generic", return_tokens=Fa
     training = model.training
     model.eval()
     try:
-        for cb, ct in _chunks(b_idx, t_idx, opts["chunk"]):
-            ctx = _Context(model, src, src_mask, tgt_in, out_tokens, cb, ct, opts)
+        for copy_sample, copy_position in _chunks(b_idx, t_idx, opts["chunk"]):
+            ctx = _Context(model, src, src_mask, tgt_in, out_tokens, copy_sample, copy_position, opts)
             f, tok = _FUNCTIONS[method](ctx)
-            frames[cb, ct, :f.shape[1]] = f.float() * src_mask[cb, :f.shape[1]]
+            frames[copy_sample, copy_position, :f.shape[1]] = f.float() * src_mask[copy_sample, :f.shape[1]]
             if tok is not None:
-                tokens[cb, ct, :tok.shape[1]] = tok.float()
+                tokens[copy_sample, copy_position, :tok.shape[1]] = tok.float()
     finally:                                                           # the model as the caller left it
         for m, (keep, attention) in zip(modules, saved[0]):
             m.keep, m.attention = keep, attention
@@ -87,6 +94,57 @@ def explain(model, src, src_mask, out_tokens, method="generic", return_tokens=Fa
         model.train(training)
     has_tokens = method in ("attention", "lrp", "transformer_attribution", "generic")
     return (frames, tokens if has_tokens else None) if return_tokens else frames
+
+
+def extract_batch(model, dataset, indices, methods, beam=1, alpha=1.0, device="cpu", seconds=None):
+    """What `python run.py extract` keeps of samples `indices` of a SignDataset, one dict per sample: its id
+    and references, the beam search's prediction and explained tokens (with EOS), the number of frames, every
+    attention map teacher-forced on the prediction (float16: encoder_self (L, h, T, T), decoder_self
+    (L, h, n, n), decoder_cross (L, h, n, T)), the CTC gloss posteriors (T, V), the norms of each decoder
+    step's self- and cross-attention outputs (branch_norms), and per method the relevance (n, T) and, where
+    the method gives one, the relevance over the decoder inputs (n, n). `seconds` ({method: s}) accumulates
+    each method's time."""
+    batch = dataset.batch(indices)
+    src, mask = batch["src"].to(device), batch["src_mask"].to(device)
+    target = dataset.target_vocab
+    with torch.no_grad():
+        memory = model.encode(src, mask)
+        out = beam_search(model, src, mask, beam, alpha, dataset.cfg.max_tokens + 1, memory)
+        posteriors = model.gloss_logits(memory).softmax(-1)
+        model.keep_attention(True)
+        model(src, mask, shift_right(out, model.bos_id))
+        maps = {k: torch.stack([m.attention for m in v], 1) for k, v in model.attention_modules().items()}
+        branches = [layer.branches for layer in model.decoder]
+        model.keep_attention(False)
+    relevance = {}
+    for method in methods:
+        tic = time.time()
+        relevance[method] = explain(model, src, mask, out, method, return_tokens=True)
+        if seconds is not None:
+            seconds[method] = seconds.get(method, 0.0) + time.time() - tic
+    ctc = ctc_decode(posteriors.log(), mask)
+    lengths = frame_lengths(mask)
+    half = lambda x: x.detach().to("cpu", torch.float16).clone()
+    samples = []
+    for b, i in enumerate(indices):
+        r = dataset.records[i]
+        T, n = int(lengths[b]), int((out[b] != model.pad_id).sum())
+        samples.append(dict(
+            id=r.id, gloss_reference=r.gloss, text_reference=r.text,
+            prediction=target.decode(out[b].tolist()),
+            gloss_prediction=(target.decode(out[b].tolist()) if dataset.cfg.target == "gloss"
+                              else dataset.gloss_vocab.decode(ctc[b])),
+            tokens=[target.itos[t] for t in out[b, :n].tolist()], frames=T,
+            attention=dict(encoder_self=half(maps["encoder_self"][b, :, :, :T, :T]),
+                           decoder_self=half(maps["decoder_self"][b, :, :, :n, :n]),
+                           decoder_cross=half(maps["decoder_cross"][b, :, :, :n, :T])),
+            gloss_posteriors=half(posteriors[b, :T]),
+            branch_norms=dict(tokens=torch.stack([s[b, :n].norm(dim=-1) for s, _ in branches]).cpu(),
+                              video=torch.stack([c[b, :n].norm(dim=-1) for _, c in branches]).cpu()),
+            relevance={m: rel[b, :n, :T].cpu().clone() for m, (rel, _) in relevance.items()},
+            token_relevance={m: tok[b, :n, :n].cpu().clone() for m, (_, tok) in relevance.items()
+                             if tok is not None}))
+    return samples
 
 
 def _chunks(b_idx, t_idx, size, slack=1.25):
@@ -113,19 +171,19 @@ def _chunks(b_idx, t_idx, size, slack=1.25):
 # ----------------------------------------------------------------------------------------------------
 
 class _Context:
-    """The tokens of one chunk: copy i explains token ct[i] of sample cb[i]. Each sample is forwarded once;
-    frames and decoder inputs are trimmed to what the chunk needs (later frames are padding, later tokens
-    are not seen by the causal decoder)."""
+    """The tokens of one chunk: copy i explains token copy_position[i] of sample copy_sample[i]. Each sample
+    is forwarded once; frames and decoder inputs are trimmed to what the chunk needs (later frames are
+    padding, later tokens are not seen by the causal decoder)."""
 
-    def __init__(self, model, src, src_mask, tgt_in, out_tokens, cb, ct, opts):
-        self.model, self.opts, self.ct = model, opts, ct
-        samples, self.inverse = torch.unique(cb, return_inverse=True)
+    def __init__(self, model, src, src_mask, tgt_in, out_tokens, copy_sample, copy_position, opts):
+        self.model, self.opts, self.position = model, opts, copy_position
+        samples, self.inverse = torch.unique(copy_sample, return_inverse=True)
         T = int(src_mask[samples].any(0).nonzero().max()) + 1         # up to the last real frame
-        n = int(ct.max()) + 1
+        n = int(copy_position.max()) + 1
         self.src, self.mask = src[samples, :T], src_mask[samples, :T]         # (S, T, F), (S, T) per sample
         self.tgt_in, self.out = tgt_in[samples, :n], out_tokens[samples, :n]
-        self.target = out_tokens[cb, ct]                                        # (N,) per copy
-        self.N, self.T, self.n = len(cb), T, n
+        self.target = out_tokens[copy_sample, copy_position]                   # (N,) per copy
+        self.N, self.T, self.n = len(copy_sample), T, n
         self.rows = torch.arange(self.N, device=src.device)
 
     def run(self, grads=(), src=None, tape=False, maps=GROUPS, layers=False):
@@ -169,7 +227,7 @@ class _Context:
             step = logits.log_softmax(-1) if self.opts["score"] == "logprob" else logits
             score = step.gather(-1, self.out[..., None])[..., 0]                   # (S, n)
             wanted = ([x] if "input" in grads else []) + [a for g in grads if g != "input" for a in maps[g]]
-            got = _per_token_grads(score, wanted, self.inverse, self.ct)
+            got = _per_token_grads(score, wanted, self.inverse, self.position)
             if "input" in grads:
                 p.input_grad, got = got[0], got[1:]
             for g in (g for g in grads if g != "input"):
@@ -177,12 +235,12 @@ class _Context:
         return p
 
 
-def _per_token_grads(score, wanted, inverse, ct):
-    """d score[inverse[i], ct[i]] / d wanted, for every copy i: one backward per distinct token position,
-    batched (vmapped) over the positions; each position's backward serves every sample at once."""
-    positions, slot = torch.unique(ct, return_inverse=True)
+def _per_token_grads(score, wanted, inverse, copy_position):
+    """d score[inverse[i], copy_position[i]] / d wanted, for every copy i: one backward per distinct token
+    position, batched (vmapped) over the positions; each position's backward serves every sample at once."""
+    positions, slot = torch.unique(copy_position, return_inverse=True)
     cotangent = torch.zeros(len(positions), *score.shape, device=score.device)
-    cotangent[slot, inverse, ct] = 1.0
+    cotangent[slot, inverse, copy_position] = 1.0
     if len(positions) == 1:
         got = torch.autograd.grad(score, wanted, cotangent[0], allow_unused=True)
         got = [None if g is None else g[None] for g in got]
@@ -201,8 +259,8 @@ class _Pass:
 
 
 def _row(a, ctx):
-    """Row ct[i] of copy i's map, averaged over heads: (N, h, q, k) -> (N, k)."""
-    return a[ctx.rows, :, ctx.ct].mean(1)
+    """Row copy_position[i] of copy i's map, averaged over heads: (N, h, q, k) -> (N, k)."""
+    return a[ctx.rows, :, ctx.position].mean(1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -232,8 +290,8 @@ def gradcam(ctx):
     frames of dA[h, t, :]; R[t] = (mean_h w_h A[h, t, :])^+."""
     p = ctx.run(grads=("decoder_cross",), maps=())
     layer = ctx.opts["layer"]
-    a = p.maps["decoder_cross"][layer][ctx.rows, :, ctx.ct]                 # (N, h, T)
-    g = p.grads["decoder_cross"][layer][ctx.rows, :, ctx.ct] * p.mask[:, None]     # a masked entry is 0 but
+    a = p.maps["decoder_cross"][layer][ctx.rows, :, ctx.position]                 # (N, h, T)
+    g = p.grads["decoder_cross"][layer][ctx.rows, :, ctx.position] * p.mask[:, None]     # a masked entry is 0 but
     w = g.sum(-1, keepdim=True) / p.mask.sum(1)[:, None, None]                    # its gradient need not be
     return (w * a).mean(1).clamp(min=0), None
 
@@ -289,7 +347,7 @@ def _propagate(ctx, A, transpose):
         R_de = R_de + s @ R_de
         dd = _norm_rows(R_dd)
         R_de = R_de + (dd.transpose(1, 2) if transpose else dd) @ c @ _norm_rows(R_ee)
-    return R_de[ctx.rows, ctx.ct], R_dd[ctx.rows, ctx.ct]
+    return R_de[ctx.rows, ctx.position], R_dd[ctx.rows, ctx.position]
 
 
 def generic(ctx):
@@ -401,16 +459,11 @@ class _Relprop:
         (x, _), _ = self.get(layer)
         a = self.get(layer.self_attention)[1]
         f = self.get(layer.feedforward)[1]
-        if layer.norm_first:        # x1 = x + a;  out = x1 + f(norm2(x1))
-            x1 = x + a
-            R_x1, R_f = self.add(x1, f, R)
-            R_x1 = R_x1 + self.sequential(layer.feedforward, R_f)
-            R_x, R_a = self.add(x, a, R_x1)
-        else:                       # x1 = norm1(x + a);  out = norm2(x1 + f(x1))
-            x1 = self.get(layer.norm1)[1]
-            R_x1, R_f = self.add(x1, f, R)
-            R_x1 = R_x1 + self.sequential(layer.feedforward, R_f)
-            R_x, R_a = self.add(x, a, R_x1)
+        # pre-LN: x1 = x + a, out = x1 + f(norm2(x1));  post-LN: x1 = norm1(x + a), out = norm2(x1 + f(x1))
+        x1 = x + a if layer.norm_first else self.get(layer.norm1)[1]
+        R_x1, R_f = self.add(x1, f, R)
+        R_x1 = R_x1 + self.sequential(layer.feedforward, R_f)
+        R_x, R_a = self.add(x, a, R_x1)
         R_q, R_kv = self.attention(layer.self_attention, R_a)
         return R_x + R_q + R_kv
 
@@ -438,7 +491,7 @@ class _Relprop:
         ctx, model = self.ctx, self.ctx.model
         logits = self.get(model.head)[1]
         R = logits.new_zeros(ctx.N, *logits.shape[1:])
-        R[ctx.rows, ctx.ct, ctx.target] = 1.0
+        R[ctx.rows, ctx.position, ctx.target] = 1.0
         R = self.linear(model.head, R)
         R_memory = 0
         for layer in reversed(model.decoder):
@@ -456,7 +509,6 @@ class _Relprop:
 
 
 def _positions(x):
-    from signattention import sinusoid
     return sinusoid(x.shape[1], x.shape[2], x.device).expand_as(x)
 
 
@@ -473,7 +525,7 @@ def partial_lrp(ctx):
     rel = _Relprop(ctx, p)
     rel.run()
     module = ctx.model.attention_modules()["decoder_cross"][ctx.opts["layer"]]
-    return rel.at_attention[module].clamp(min=0)[ctx.rows, :, ctx.ct].mean(1), None
+    return rel.at_attention[module].clamp(min=0)[ctx.rows, :, ctx.position].mean(1), None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -633,8 +685,65 @@ def segment_mass(relevance, segments):
     return out
 
 
+def model_segments(segments, k):
+    """Original-frame segments [start, end) -> model frames (frame t is original frame t * k)."""
+    return [(p, g, -(-a // k), -(-b // k)) for p, g, a, b in segments]
+
+
+def token_segments(sample, alignments, k, target, links):
+    """(token row, start, end) in model frames for predicted tokens that realise a gloss with a known segment:
+    glosses by position where the decoder writes the reference glosses; text words through `links` where
+    the linked gloss occurs once in the sentence."""
+    segments = model_segments(alignments, k)
+    if target == "gloss":
+        by_position = {p: (a, b) for p, g, a, b in segments}
+        return [(t, *by_position[t]) for t, g in enumerate(sample["tokens"])
+                if t in by_position and sample["gloss_reference"][t] == g]
+    if not links:
+        return []
+    once = {g: (a, b) for p, g, a, b in segments if sample["gloss_reference"].count(g) == 1}
+    return [(t, *once[links[w]]) for t, w in enumerate(sample["tokens"]) if links.get(w) in once]
+
+
+def global_numbers(data, alignments, links, correct_only):
+    """The numbers behind the global figures, over the samples whose prediction equals the reference
+    (correct_only) or over all samples."""
+    meta = data["meta"]
+    k = meta["data_config"]["subsample"]
+    target = meta["target"]
+    samples = [s for s in data["samples"] if not correct_only or s["prediction"] == s[f"{target}_reference"]]
+    layers = len(samples[0]["attention"]["decoder_cross"]) if samples else 0
+    bins = 20
+    out = dict(count=len(samples), profiles={}, diagonality=[[] for _ in range(layers)], reliance={},
+               offsets=[], entropy={}, pointing={}, mass={})
+    for s in samples:
+        cross = s["attention"]["decoder_cross"].float().mean(1)             # (L, n, T)
+        words = len(s["tokens"]) - (s["tokens"][-1] == EOS)                # tokens before EOS
+        length = min(words, 5)
+        if words >= 1:
+            profile = relative_profile(cross[-1, :words], bins)
+            out["profiles"].setdefault(length, []).append(profile if length < 5 else profile[:5])
+        for l in range(layers):
+            if words >= 2:
+                out["diagonality"][l].append(diagonality(cross[l, :words]))
+        video, prev = s["branch_norms"]["video"].float(), s["branch_norms"]["tokens"].float()
+        share = (video / (video + prev).clamp(min=1e-12)).mean(0)
+        out["reliance"].setdefault(length, []).append(share)
+        enc = s["attention"]["encoder_self"].float().mean(1)
+        out["offsets"].append(torch.stack([offset_profile(a, 10) for a in enc]))
+        for group, maps in s["attention"].items():
+            out["entropy"].setdefault(group, []).append(
+                torch.stack([entropy(a.float(), causal=group == "decoder_self") for a in maps]))
+        segments = token_segments(s, alignments.get(s["id"], []), k, target, links)
+        for method, rel in s["relevance"].items():
+            if segments:
+                out["pointing"].setdefault(method, []).extend(pointing_game(rel, segments))
+                out["mass"].setdefault(method, []).extend(segment_mass(rel, segments))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------
-# Faithfulness: remove frames in the order a relevance gives (METHODS.md, Perturbation tests)
+# Faithfulness: remove frames in the order a relevance gives, and score what the model still predicts
 # ----------------------------------------------------------------------------------------------------
 
 FRACTIONS = tuple(i / 10 for i in range(10))          # share of the real frames removed; 0 = the clean input
@@ -745,7 +854,6 @@ def token_perturbation(model, src, src_mask, out_tokens, relevance, fractions=FR
     Every removal of every token of every sample is an input; identical inputs run once, all fractions of all
     samples in batches (see _Removals); each batch is decoded only as far as its longest output.
     `progress(fraction index, frames done, frames in all)` is called after each batch."""
-    from signattention import _decodable
     model.eval()
     B, n = out_tokens.shape
     rows = out_tokens != model.pad_id
@@ -754,7 +862,7 @@ def token_perturbation(model, src, src_mask, out_tokens, relevance, fractions=FR
     keep = kept_frames(ranks, src_mask[b_idx], fractions)                                # (N, 2, P, T)
     removals = _Removals(src, src_mask, b_idx.repeat_interleave(2), keep.flatten(0, 1), mode, budget, progress)
     token = t_idx.repeat_interleave(2)                                                    # per copy
-    tgt_in = torch.cat([torch.full_like(out_tokens[:, :1], model.bos_id), out_tokens[:, :-1]], 1)
+    tgt_in = shift_right(out_tokens, model.bos_id)
     scores = torch.full((B, n, 2, len(fractions)), float("nan"), device=src.device)
     for f in range(len(fractions)):
         u_sample, _, inverse = removals.fractions[f]
@@ -762,7 +870,7 @@ def token_perturbation(model, src, src_mask, out_tokens, relevance, fractions=FR
         for index, sample, x, mask, positions in removals.batches(f):
             n_batch = int(rows[sample].sum(-1).max())                                    # the longest output
             logits = model.decode(model.encode(x, mask, positions), mask, tgt_in[sample, :n_batch])
-            correct[index, :n_batch] = _decodable(logits, model).argmax(-1) == out_tokens[sample, :n_batch]
+            correct[index, :n_batch] = decodable(logits, model).argmax(-1) == out_tokens[sample, :n_batch]
         scores[b_idx, t_idx, :, f] = correct[inverse, token].float().view(-1, 2)
     return scores
 
@@ -774,7 +882,6 @@ def sentence_perturbation(model, src, src_mask, relevance, rows, max_len, fracti
     (rows (B, n) bool), removed, and the model greedy-decodes. Returns (B, 2, P, L) token ids (PAD after
     EOS) per direction (positive, negative) and fraction; fraction 0 is the clean decoding. `progress` as in
     token_perturbation."""
-    from signattention import greedy_decode
     model.eval()
     R = relevance * rows[..., None]
     ranking = (R / R.abs().sum(-1, keepdim=True).clamp(min=1e-12)).sum(1)                 # (B, T)
@@ -830,3 +937,102 @@ def bootstrap(statistic, count, resamples=1000, level=0.95, seed=0):
     tail = (1 - level) / 2
     low, high = float(values.quantile(tail)), float(values.quantile(1 - tail))
     return estimate, min(low, estimate), max(high, estimate)
+
+
+def sentence_scores(decoded, references, target):
+    """Token accuracy of each perturbed greedy decoding against the clean one (fraction 0), position by
+    position up to the clean EOS, and sacrebleu's BLEU statistics against the reference: (B, 2, P) and
+    (B, 2, P, 10)."""
+    clean = decoded[:, 0, 0]                                                 # (B, L)
+    length = ((clean != Vocabulary.pad_id).sum(-1)).clamp(min=1)
+    valid = torch.arange(clean.shape[1]) < length[:, None]
+    accuracy = ((decoded == clean[:, None, None]) & valid[:, None, None]).sum(-1).double() / length[:, None, None]
+    stats = [[[bleu_statistics(" ".join(target.decode(ids)), ref) for ids in row] for row in rows]
+             for rows, ref in zip(decoded.tolist(), references)]
+    return accuracy, torch.tensor(stats, dtype=torch.float64)
+
+
+def plausibility(data, alignments, links, methods):
+    """{method: (pointing-game hits, relevance mass in the segment)} over the gloss occurrences with a true
+    segment and a token that realises them (see token_segments), and 'sample': each occurrence's sample;
+    {} without alignments. `data` is an extraction ({'meta', 'samples'})."""
+    if not alignments:
+        return {}
+    meta = data["meta"]
+    out, sample = {m: ([], []) for m in methods}, []
+    for b, s in enumerate(data["samples"]):
+        segments = token_segments(s, alignments.get(s["id"], []), meta["data_config"]["subsample"], meta["target"],
+                                  links)
+        sample += [b] * len(segments)
+        for m in methods:
+            out[m][0].extend(pointing_game(s["relevance"][m], segments))
+            out[m][1].extend(segment_mass(s["relevance"][m], segments))
+    tensor = lambda v: torch.tensor(v, dtype=torch.float64)
+    return dict({m: (tensor(h), tensor(v)) for m, (h, v) in out.items()}, sample=torch.tensor(sample, dtype=torch.long))
+
+
+def perturb_table(curves, stats, plausibility, resamples, seed):
+    """One row per method: each measure as (value, low, high) with a 95% bootstrap interval over the samples,
+    and the tests on which it beats random: where the interval of its difference to random (paired: every
+    method sees the same resamples) excludes 0 on the better side. AUCs are means over samples; BLEU is a
+    corpus score and plausibility a share of gloss occurrences, recomputed on each resample."""
+    AUC = {m: auc(c) for m, c in curves.items()}                   # (B, 2) per sample
+    B = len(next(iter(curves.values())))
+    interval = lambda statistic: bootstrap(statistic, B, resamples, seed=seed)
+    mean = lambda values: (lambda w: w @ values / B)
+
+    def corpus_bleu(s, d):                                                  # s (B, 2, P, 10) statistics
+        def statistic(w):
+            summed = (w @ s.reshape(B, -1)).reshape(len(w), *s.shape[1:])
+            return auc(bleu_from_statistics(summed.numpy())[:, d] / 100)
+        return statistic
+
+    def share(values):                                                      # over occurrences, samples drawn
+        occurrence = plausibility["sample"]
+        return lambda w: (w[:, occurrence] @ values) / w[:, occurrence].sum(-1).clamp(min=1)
+
+    def beats(statistic, random_statistic, lower_is_better):
+        _, low, high = interval(lambda w: statistic(w) - random_statistic(w))
+        return high < 0 if lower_is_better else low > 0
+
+    rows = []
+    for m in curves:
+        row, better = dict(method=m), []
+        for d, direction in enumerate(DIRECTIONS):
+            row[direction] = interval(mean(AUC[m][:, d]))
+            if beats(mean(AUC[m][:, d]), mean(AUC["random"][:, d]), d == 0):
+                better.append(direction)
+            if stats:
+                row[f"bleu_{direction}"] = interval(corpus_bleu(stats[m], d))
+                if beats(corpus_bleu(stats[m], d), corpus_bleu(stats["random"], d), d == 0):
+                    better.append(f"BLEU {direction}")
+        if plausibility:
+            (hits, mass), (random_hits, _) = plausibility[m], plausibility["random"]
+            row["occurrences"] = len(hits)
+            if len(hits):
+                row["pointing"] = interval(share(100 * hits))
+                row["mass"] = interval(share(100 * mass))
+                if beats(share(hits), share(random_hits), False):
+                    better.append("pointing")
+        row["beats_random"] = better if m != "random" else None
+        rows.append(row)
+    return rows
+
+
+def verdict(rows):
+    """Which methods beat random on both perturbation tests, and on plausibility."""
+    both = [r["method"] for r in rows if r["beats_random"] and {"positive", "negative"} <= set(r["beats_random"])]
+    plausible = [r["method"] for r in rows if r["beats_random"] and "pointing" in r["beats_random"]]
+    text = "beat random on both perturbation tests (paired 95% bootstrap): " + (", ".join(both) or "none")
+    if "pointing" in rows[0]:
+        text += "\nbeat random on the pointing game: " + (", ".join(plausible) or "none")
+    return text
+
+
+def mean_curves(curves, stats):
+    """{method: {'score': (2, P), and at sentence level 'bleu4': (2, P)}}: the mean score per direction and
+    fraction over samples, and the corpus BLEU-4, as the curves CSV and the figure show them."""
+    means = {m: dict(score=c.mean(0).numpy()) for m, c in curves.items()}
+    for m, s in stats.items():
+        means[m]["bleu4"] = bleu_from_statistics(s.sum(0).numpy())
+    return means

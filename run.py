@@ -28,30 +28,35 @@ import torch.nn.functional as F
 
 import explain
 import signattention as sa
-from sign_cl import SignCL, ctc_viterbi, sdr, signcl_margin
+import sign_cl
+from sign_cl import SignCL, sdr
+from signattention import option
 
 SYNTHETIC = os.path.join("data", "synthetic_gsl")
 
 
+METRICS = ("bleu4", "accuracy", "wer", "ce")         # validation metrics a run can select or stop on
+
+
 @dataclass
 class TrainConfig:
-    epochs: int = 30
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_epochs: int = 2
-    schedule: str = "cosine"            # cosine decay after warm-up, or constant
-    label_smoothing: float = 0.1
-    ctc_weight: float = 1.0             # weight of the CTC gloss loss on the encoder (0: head untrained)
-    signcl: float = 0.0                 # weight of the SignCL loss on the encoder's frame features
-    grad_clip: float = 1.0              # largest gradient norm (0: no clipping)
-    select: str = "bleu4"               # validation metric that picks the best checkpoint: bleu4, accuracy, wer,
-                                        # ce (teacher-forced cross-entropy of the decoder)
-    stop_on: str = ""                   # validation metric that early stopping watches ("": the `select` one)
-    patience: int = 0                   # early stopping after this many epochs without improvement (0: off)
-    beam: int = 4                       # beam size for the final evaluation (1: greedy)
-    alpha: float = 1.0                  # length penalty exponent of the beam search
-    seed: int = 0
+    epochs: int = option(30, "training epochs", low=1)
+    batch_size: int = option(32, "samples per batch", low=1)
+    lr: float = option(1e-3, "peak learning rate (AdamW)", low=0.0, open_low=True)
+    weight_decay: float = option(0.01, "AdamW weight decay", low=0.0)
+    warmup_epochs: int = option(2, "epochs of linear learning-rate warm-up", low=0)
+    schedule: str = option("cosine", "learning rate after warm-up", choices=("cosine", "constant"))
+    label_smoothing: float = option(0.1, "label smoothing of the decoder's cross-entropy", low=0.0, high=0.99)
+    ctc_weight: float = option(1.0, "weight of the CTC gloss loss on the encoder (0: no gloss head)", low=0.0)
+    signcl: float = option(0.0, "weight of the SignCL loss on the encoder's frame features (e.g. 0.01)", low=0.0)
+    grad_clip: float = option(1.0, "largest gradient norm (0: no clipping)", low=0.0)
+    select: str = option("bleu4", "validation metric that picks the best checkpoint (ce: the decoder's "
+                         "teacher-forced cross-entropy)", choices=METRICS)
+    stop_on: str = option("", "validation metric early stopping watches (default: --select's)", choices=METRICS)
+    patience: int = option(0, "early stopping after this many epochs without improvement (0: off)", low=0)
+    beam: int = option(4, "beam size of the final evaluation (1: greedy)", low=1)
+    alpha: float = option(1.0, "length penalty exponent of the beam search", low=0.0)
+    seed: int = 0                       # the modes' --seed
 
 
 # Each preset names the values that differ from the dataclass defaults above.
@@ -131,33 +136,14 @@ def device_of(name):
                         ("cpu" if name == "auto" else name))
 
 
-def to(batch, device):
+def to_device(batch, device):
+    """A batch's tensors on the device."""
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------
-
-def losses(model, batch, train_cfg, signcl, generator):
-    memory = model.encode(batch["src"], batch["src_mask"])
-    logits = model.decode(memory, batch["src_mask"], batch["tgt_in"])
-    pad = model.pad_id
-    total = ce = F.cross_entropy(logits.flatten(0, 1), batch["tgt_out"].flatten(), ignore_index=pad,
-                                 label_smoothing=train_cfg.label_smoothing)
-    frames = sa.frame_lengths(batch["src_mask"])
-    if train_cfg.ctc_weight > 0:
-        log_probs = model.gloss_logits(memory).log_softmax(-1).transpose(0, 1)          # (T, B, V)
-        ctc = F.ctc_loss(log_probs, batch["gloss"], frames, batch["gloss_lengths"], blank=pad,
-                         zero_infinity=True)
-        total = total + train_cfg.ctc_weight * ctc
-    if train_cfg.signcl > 0:
-        words = (batch["tgt_out"] != pad).sum(1) - 1                                    # without EOS
-        margin = torch.tensor([signcl_margin(int(f), int(n)) for f, n in zip(frames, words)])
-        total = total + train_cfg.signcl * signcl(memory, margin, batch["src_mask"], generator)
-    correct = ((logits.argmax(-1) == batch["tgt_out"]) & (batch["tgt_out"] != pad)).sum()
-    return total, ce, correct, (batch["tgt_out"] != pad).sum()
-
 
 def lr_factor(step, steps_per_epoch, cfg):
     warm = cfg.warmup_epochs * steps_per_epoch
@@ -167,27 +153,6 @@ def lr_factor(step, steps_per_epoch, cfg):
         return 1.0
     progress = (step - warm) / max(1, cfg.epochs * steps_per_epoch - warm)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def build(config, records, device):
-    data_cfg = sa.DataConfig(**config["data"])
-    gloss_vocab = sa.Vocabulary(w for r in records["train"] for w in r.gloss)
-    text_vocab = sa.Vocabulary(w for r in records["train"] for w in r.text)
-    target_vocab = gloss_vocab if data_cfg.target == "gloss" else text_vocab
-    model_cfg = sa.ModelConfig(**{**config["model"], "in_features": records["train"][0].frames.shape[1],
-                                  "n_gloss": len(gloss_vocab), "n_out": len(target_vocab)})
-    config["model"] = asdict(model_cfg)
-    model = sa.SignTranslator(model_cfg).to(device)
-    model.data_config = data_cfg
-    datasets = {s: sa.SignDataset(r, data_cfg, gloss_vocab, text_vocab, train=(s == "train"))
-                for s, r in records.items()}
-    return model, datasets, gloss_vocab, text_vocab
-
-
-def checkpoint_state(model, optimizer, config, gloss_vocab, text_vocab, epoch, history):
-    return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), config=config,
-                model_config=config["model"], data_config=config["data"], gloss_vocab=gloss_vocab.itos,
-                text_vocab=text_vocab.itos, epoch=epoch, history=history)
 
 
 def write_json(path, obj):
@@ -213,30 +178,60 @@ def epochs_since_best(history, metric):
     return len(values) - 1 - max(i for i, v in enumerate(values) if v == best)
 
 
-def train(args):
-    log = lambda msg: print(msg, flush=True)
-    device = device_of(args.device)
+def run_to_start(args, device, log):
+    """(run folder, configuration, last checkpoint or None): the run --resume names, or a new one from the
+    preset and the flags, in a folder that holds no run yet."""
     if args.resume:
-        run_dir = args.resume
-        state = sa.load_checkpoint(os.path.join(run_dir, "last.pt"), device)
+        state = sa.load_checkpoint(os.path.join(args.resume, "last.pt"), device)
         config = state["config"]
         if args.epochs is not None:
             config["train"]["epochs"] = args.epochs
-        log(f"resuming {run_dir} after epoch {state['epoch']}")
-    else:
-        config = resolve_config(args)
-        run_dir = args.out or new_run_dir(config)
-        if os.path.exists(os.path.join(run_dir, "last.pt")):
-            raise sa.DataError(f"{run_dir}: already holds a run (continue it with --resume {run_dir}, "
-                               "or pick another --out)")
-        state = None
+        log(f"resuming {args.resume} after epoch {state['epoch']}")
+        return args.resume, config, state
+    config = resolve_config(args)
+    run_dir = args.out or new_run_dir(config)
+    if os.path.exists(os.path.join(run_dir, "last.pt")):
+        raise sa.DataError(f"{run_dir}: already holds a run (continue it with --resume {run_dir}, or pick another --out)")
+    return run_dir, config, None
+
+
+def train_epoch(model, optimizer, dataset, train_cfg, epoch, steps_per_epoch, device):
+    """One epoch over the training split; its data order, augmentation and dropout are drawn from (seed, epoch),
+    so a resumed run draws what an uninterrupted one would. Returns the mean loss per sample."""
+    torch.manual_seed(train_cfg.seed * 100003 + epoch)
+    generator = torch.Generator().manual_seed(train_cfg.seed * 100003 + epoch)
+    model.train()
+    signcl, total, count = SignCL(), 0.0, 0
+    for b, indices in enumerate(dataset.batches(train_cfg.batch_size, generator, shuffle=True)):
+        step = (epoch - 1) * steps_per_epoch + b
+        for group in optimizer.param_groups:
+            group["lr"] = train_cfg.lr * lr_factor(step, steps_per_epoch, train_cfg)
+        batch = to_device(dataset.batch(indices, generator), device)
+        loss, memory = sa.training_loss(model, batch, train_cfg.label_smoothing, train_cfg.ctc_weight)
+        if train_cfg.signcl > 0:
+            margin = sign_cl.batch_margins(batch["src_mask"], batch["tgt_out"], model.pad_id)
+            loss = loss + train_cfg.signcl * signcl(memory, margin, batch["src_mask"], generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if train_cfg.grad_clip > 0:                                # clipping at 0 would zero every gradient
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+        optimizer.step()
+        total, count = total + loss.item() * len(indices), count + len(indices)
+    return total / count
+
+
+def train(args):
+    log = lambda msg: print(msg, flush=True)
+    device = device_of(args.device)
+    run_dir, config, state = run_to_start(args, device, log)
     train_cfg = TrainConfig(**config["train"])
     data_path = config["data_path"]
     ensure_data(data_path, log)
     start = time.time()
     records = read_data(data_path, sa.DataConfig(**config["data"]), sa.SPLITS, args.skip_bad, log)
     torch.manual_seed(train_cfg.seed)
-    model, datasets, gloss_vocab, text_vocab = build(config, records, device)
+    model, datasets, gloss_vocab, text_vocab = sa.build_model(config, records)
+    model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     steps_per_epoch = len(datasets["train"].batches(train_cfg.batch_size))
     history, first_epoch = [], 1
@@ -251,34 +246,18 @@ def train(args):
     log(f"run {run_dir}: {sum(len(r) for r in records.values())} samples "
         f"({', '.join(f'{s} {len(r)}' for s, r in records.items())}) read in {time.time() - start:.1f}s, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}")
-    signcl = SignCL()
     best = (min if train_cfg.select in LOWER_IS_BETTER else max)(
         (h[train_cfg.select] for h in history), default=None)
     stop_on = train_cfg.stop_on or train_cfg.select
     epoch_times = []
     for epoch in range(first_epoch, train_cfg.epochs + 1):
         tic = time.time()
-        torch.manual_seed(train_cfg.seed * 100003 + epoch)          # dropout: same draws on resume
-        generator = torch.Generator().manual_seed(train_cfg.seed * 100003 + epoch)
-        model.train()
-        total = count = 0.0
-        for b, indices in enumerate(datasets["train"].batches(train_cfg.batch_size, generator, shuffle=True)):
-            step = (epoch - 1) * steps_per_epoch + b
-            for group in optimizer.param_groups:
-                group["lr"] = train_cfg.lr * lr_factor(step, steps_per_epoch, train_cfg)
-            batch = to(datasets["train"].batch(indices, generator), device)
-            loss, ce, _, _ = losses(model, batch, train_cfg, signcl, generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if train_cfg.grad_clip > 0:                                # clipping at 0 would zero every gradient
-                torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
-            optimizer.step()
-            total, count = total + loss.item() * len(indices), count + len(indices)
+        loss = train_epoch(model, optimizer, datasets["train"], train_cfg, epoch, steps_per_epoch, device)
         val = evaluate(model, datasets["val"], train_cfg, device, beam=1)
-        record = dict(epoch=epoch, loss=total / count, **val["metrics"], seconds=time.time() - tic)
+        record = dict(epoch=epoch, loss=loss, **val["metrics"], seconds=time.time() - tic)
         history.append(record)
         improved = is_better(train_cfg.select, record[train_cfg.select], best)
-        state = checkpoint_state(model, optimizer, config, gloss_vocab, text_vocab, epoch, history)
+        state = sa.training_state(model, optimizer, config, gloss_vocab, text_vocab, epoch, history)
         if improved:
             best = record[train_cfg.select]
             sa.save_checkpoint(os.path.join(run_dir, "best.pt"), state)
@@ -332,7 +311,7 @@ def evaluate(model, dataset, train_cfg, device, beam=None, alignments=None, batc
     target = dataset.cfg.target
     rows, correct, tokens, loss, features, labels = [], 0, 0, 0.0, [], []
     for indices in dataset.batches(batch_size):
-        batch = to(dataset.batch(indices), device)
+        batch = to_device(dataset.batch(indices), device)
         memory = model.encode(batch["src"], batch["src_mask"])
         logits = model.decode(memory, batch["src_mask"], batch["tgt_in"])
         real = batch["tgt_out"] != model.pad_id
@@ -352,7 +331,7 @@ def evaluate(model, dataset, train_cfg, device, beam=None, alignments=None, batc
                              text_reference=" ".join(r.text),
                              text_prediction=predictions[b] if target == "text" else ""))
             if alignments is not None:
-                f, l = frame_labels(memory[b], gloss_logits[b], batch["src_mask"][b], r, dataset, alignments)
+                f, l = sign_cl.frame_labels(memory[b], gloss_logits[b], batch["src_mask"][b], r, dataset, alignments)
                 features += f
                 labels += l
     hyps = [r[f"{target}_prediction"] for r in rows]
@@ -366,39 +345,10 @@ def evaluate(model, dataset, train_cfg, device, beam=None, alignments=None, batc
     return dict(metrics=metrics, rows=rows)
 
 
-def frame_labels(memory, gloss_logits, mask, record, dataset, alignments):
-    """Encoder features at the centre of each gloss occurrence, labelled with the gloss: from the true
-    segments when alignments exist, else from the CTC Viterbi path of the reference glosses."""
-    n = int(sa.frame_lengths(mask[None]))
-    k = dataset.cfg.subsample
-    if alignments:
-        centres = [((a + b) // 2 // k, g) for _, g, a, b in alignments.get(record.id, [])]
-    else:
-        ids = dataset.gloss_vocab.encode(record.gloss)
-        path = ctc_viterbi(gloss_logits[:n].log_softmax(-1).cpu(), ids, blank=0)
-        centres, t = [], 0
-        while t < n:
-            end = t
-            while end + 1 < n and path[end + 1] == path[t]:
-                end += 1
-            if path[t] != 0:
-                centres.append(((t + end) // 2, dataset.gloss_vocab.itos[path[t]]))
-            t = end + 1
-    kept = [(c, g) for c, g in centres if c < n]
-    return [memory[c] for c, _ in kept], [dataset.gloss_vocab.stoi.get(g, 1) for _, g in kept]
-
-
-def sdr_segments(data_path, data_cfg, train_cfg):
-    """Gloss segments for SDR: alignments.csv where it exists, else {} (a CTC Viterbi path) when the gloss
-    head was trained, else None (no SDR)."""
-    alignments = sa.read_alignments(data_path) if data_cfg.format == "gsl" else {}
-    return alignments if alignments else ({} if train_cfg.ctc_weight > 0 else None)
-
-
 def report(run_dir, datasets, train_cfg, device, log, data_path, splits=("val", "test")):
     """Evaluate the best checkpoint, print the table, write translations.csv and results.json."""
     model, _, _ = sa.load_model(run_dir, device)
-    segments = sdr_segments(data_path, model.data_config, train_cfg)
+    segments = sign_cl.sdr_segments(data_path, model.data_config, train_cfg.ctc_weight > 0)
     results = {}
     for split in splits:
         start = time.time()
@@ -446,7 +396,8 @@ def eval_mode(args):
     if args.beam is not None:
         train_cfg.beam = args.beam
     data_path = args.data or state["config"]["data_path"]
-    out = evaluate(model, dataset, train_cfg, device, alignments=sdr_segments(data_path, dataset.cfg, train_cfg))
+    out = evaluate(model, dataset, train_cfg, device, alignments=sign_cl.sdr_segments(data_path, dataset.cfg,
+                                                                               train_cfg.ctc_weight > 0))
     out["metrics"]["samples"] = len(dataset)
     log(f"{run_dir} ({args.checkpoint} checkpoint, epoch {state['epoch']}) on {data_path} {args.split}:")
     log(results_table({args.split: out["metrics"]}, dataset.cfg.target, train_cfg.beam))
@@ -499,80 +450,50 @@ def extract(args):
     """Decode a split and keep, per sample, every attention map, the CTC posteriors and the relevance of
     every requested method; one file per split, loadable with torch.load(weights_only=True)."""
     log = lambda msg: print(msg, flush=True)
-    data = extract_samples(args, log)
+    return write_extraction(open_run(args, log), args.split, method_list(args.methods), log, args.beam,
+                            args.batch_size, args.limit)
+
+
+def write_extraction(opened, split, methods, log, beam=None, batch_size=16, limit=None):
+    """Extract the split (or its first `limit` samples) and write RUN/extract_<split>.pt; returns its path."""
+    data = extract_samples(opened, split, methods, log, beam, batch_size, limit)
     data["samples"] = [s for s in data["samples"] if s is not None]
-    path = os.path.join(data["meta"]["run"], f"extract_{args.split}.pt")
+    path = os.path.join(data["meta"]["run"], f"extract_{split}.pt")
     sa.save_checkpoint(path, data)
     log("seconds per sample: " + ", ".join(f"{m} {t:.3f}" for m, t in data["meta"]["seconds_per_sample"].items()))
     log(f"wrote {path} ({len(data['samples'])} samples, {os.path.getsize(path) / 1e6:.1f} MB)")
     return path
 
 
-def extract_samples(args, log, only=None, opened=None):
-    """{'meta': ..., 'samples': [one dict per sample of the split, None where not extracted]}; `only` names
-    the sample indices to extract (default: all, or the first --limit); `opened` is open_run's result when
-    the caller has it."""
-    run_dir, model, dataset, train_cfg, state, device = opened or open_run(args, log)
-    methods = method_list(args.methods)
-    beam = train_cfg.beam if args.beam is None else args.beam
+def extract_samples(opened, split, methods, log, beam=None, batch_size=16, limit=None, only=None):
+    """{'meta': ..., 'samples': [one dict per sample of the split, None where not extracted]} for open_run's
+    result: the first `limit` samples (default: all), or the sample indices `only`, in length-sorted batches;
+    beam None is the run's."""
+    run_dir, model, dataset, train_cfg, state, device = opened
+    beam = train_cfg.beam if beam is None else beam
     target = dataset.target_vocab
     samples = [None] * len(dataset)
     seconds = dict.fromkeys(methods, 0.0)
     if only is None:
-        batches = length_sorted_batches(dataset, args.batch_size, args.limit)
+        batches = length_sorted_batches(dataset, batch_size, limit)
     else:
         if not all(0 <= i < len(dataset) for i in only):
-            raise sa.DataError(f"--sample {', '.join(map(str, only))}: the {args.split} split holds samples "
+            raise sa.DataError(f"--sample {', '.join(map(str, only))}: the {split} split holds samples "
                                f"0..{len(dataset) - 1}")
         batches = [list(only)]
     total = sum(len(b) for b in batches)
     work = lambda indices: sum(len(dataset.records[i].frames) for i in indices)     # batches grow longer
     total_work, start, done, done_work = work(sum(batches, [])), time.time(), 0, 0
     for indices in batches:
-        batch = to(dataset.batch(indices), device)
-        src, mask = batch["src"], batch["src_mask"]
-        with torch.no_grad():
-            memory = model.encode(src, mask)
-            out = sa.beam_search(model, src, mask, beam, train_cfg.alpha, dataset.cfg.max_tokens + 1, memory)
-            posteriors = model.gloss_logits(memory).softmax(-1)
-            model.keep_attention(True)
-            tgt_in = torch.cat([torch.full_like(out[:, :1], model.bos_id), out[:, :-1]], 1)
-            model(src, mask, tgt_in)
-            maps = {k: torch.stack([m.attention for m in v], 1) for k, v in model.attention_modules().items()}
-            branches = [layer.branches for layer in model.decoder]
-            model.keep_attention(False)
-        relevance = {}
-        for method in methods:
-            tic = time.time()
-            relevance[method] = explain.explain(model, src, mask, out, method, return_tokens=True)
-            seconds[method] += time.time() - tic
-        ctc = sa.ctc_decode(posteriors.log(), mask)
-        lengths = sa.frame_lengths(mask)
-        for b, i in enumerate(indices):
-            r = dataset.records[i]
-            T, n = int(lengths[b]), int((out[b] != model.pad_id).sum())
-            half = lambda x: x.detach().to("cpu", torch.float16).clone()
-            samples[i] = dict(
-                id=r.id, gloss_reference=r.gloss, text_reference=r.text,
-                prediction=target.decode(out[b].tolist()),
-                gloss_prediction=(target.decode(out[b].tolist()) if dataset.cfg.target == "gloss"
-                                  else dataset.gloss_vocab.decode(ctc[b])),
-                tokens=[target.itos[t] for t in out[b, :n].tolist()], frames=T,
-                attention=dict(encoder_self=half(maps["encoder_self"][b, :, :, :T, :T]),
-                               decoder_self=half(maps["decoder_self"][b, :, :, :n, :n]),
-                               decoder_cross=half(maps["decoder_cross"][b, :, :, :n, :T])),
-                gloss_posteriors=half(posteriors[b, :T]),
-                branch_norms=dict(tokens=torch.stack([s[b, :n].norm(dim=-1) for s, _ in branches]).cpu(),
-                                  video=torch.stack([c[b, :n].norm(dim=-1) for _, c in branches]).cpu()),
-                relevance={m: rel[b, :n, :T].cpu().clone() for m, (rel, _) in relevance.items()},
-                token_relevance={m: tok[b, :n, :n].cpu().clone() for m, (_, tok) in relevance.items()
-                                 if tok is not None})
+        for i, sample in zip(indices, explain.extract_batch(model, dataset, indices, methods, beam, train_cfg.alpha,
+                                                            device, seconds)):
+            samples[i] = sample
         done, done_work = done + len(indices), done_work + work(indices)
         spent = time.time() - start
-        log(f"extract {args.split}: {done}/{total} samples  {done / spent:.2f} samples/s  "
+        log(f"extract {split}: {done}/{total} samples  {done / spent:.2f} samples/s  "
             f"ETA {format_time(spent * (total_work - done_work) / done_work)}")
-    meta = dict(run=run_dir, split=args.split, epoch=state["epoch"], methods=methods, beam=beam,
-                data_config=state["data_config"], gloss_vocab=state["gloss_vocab"], target=dataset.cfg.target,
+    meta = dict(run=run_dir, split=split, epoch=state["epoch"], methods=methods, beam=beam,
+                data_config=asdict(model.data_config), gloss_vocab=state["gloss_vocab"], target=dataset.cfg.target,
                 target_vocab=target.itos, ctc_trained=train_cfg.ctc_weight > 0,
                 seconds_per_sample={m: t / total for m, t in seconds.items()})
     return dict(meta=meta, samples=samples)
@@ -589,7 +510,7 @@ def bench(args):
     batches = length_sorted_batches(dataset, args.batch_size, args.limit)
     inputs = []
     for indices in batches:
-        batch = to(dataset.batch(indices), device)
+        batch = to_device(dataset.batch(indices), device)
         out = sa.greedy_decode(model, batch["src"], batch["src_mask"], dataset.cfg.max_tokens + 1)
         inputs.append((batch["src"], batch["src_mask"], out))
     count = sum(len(b) for b in batches)
@@ -626,7 +547,7 @@ def perturbation_loop(model, src, mask, out, relevance):
     and where the decision was a near tie (explain.near_ties)."""
     scores = torch.full(out.shape + (2, len(explain.FRACTIONS)), float("nan"), device=src.device)
     tied = torch.zeros(scores.shape, dtype=torch.bool, device=src.device)
-    tgt_in = torch.cat([torch.full_like(out[:, :1], model.bos_id), out[:, :-1]], 1)
+    tgt_in = sa.shift_right(out, model.bos_id)
     for b in range(len(src)):
         T = int(sa.frame_lengths(mask[b:b + 1]))
         for t in range(int((out[b] != model.pad_id).sum())):
@@ -635,7 +556,7 @@ def perturbation_loop(model, src, mask, out, relevance):
             keep = explain.kept_frames(ranks, mask[b:b + 1, :T])
             for d in range(2):
                 for f in range(len(explain.FRACTIONS)):
-                    logits = sa._decodable(model(src[b:b + 1, :T], keep[:, d, f], tgt_in[b:b + 1])[0, t], model)
+                    logits = sa.decodable(model(src[b:b + 1, :T], keep[:, d, f], tgt_in[b:b + 1])[0, t], model)
                     scores[b, t, d, f] = float(logits.argmax() == out[b, t])
                     tied[b, t, d, f] = explain.near_ties(logits)
     return scores, tied
@@ -646,7 +567,7 @@ def bench_perturbation(model, dataset, methods, limit, device, log):
     the samples at once) against the loop of one forward per token, direction and fraction: seconds per
     sample side by side, how many scores differ where the decision is clear, and how many decisions are near
     ties (the two best logits within rounding: either answer is right, and kernels may pick either)."""
-    batch = to(dataset.batch(list(range(len(dataset)))[:limit]), device)
+    batch = to_device(dataset.batch(list(range(len(dataset)))[:limit]), device)
     src, mask = batch["src"], batch["src_mask"]
     out = sa.greedy_decode(model, src, mask, dataset.cfg.max_tokens + 1)
     count, tokens = len(src), int((out != model.pad_id).sum())
@@ -681,16 +602,16 @@ def load_extract(args, log):
     is extracted alone, in memory."""
     run_dir = args.run or latest_run()
     path = os.path.join(run_dir, f"extract_{args.split}.pt")
-    options = argparse.Namespace(**{**vars(args), "run": run_dir, "methods": "all", "batch_size": 16,
-                                    "limit": None, "beam": None})
     if os.path.exists(path):
         data = torch.load(path, weights_only=True)
     elif args.all:
         log(f"{path} is missing: extracting the {args.split} split first")
-        data = torch.load(extract(options), weights_only=True)
+        opened = open_run(args, log)
+        data = torch.load(write_extraction(opened, args.split, list(explain.METHODS), log), weights_only=True)
     else:
         log(f"extracting {args.split} sample {args.sample} (`python run.py extract` keeps the whole split)")
-        data = extract_samples(options, log, only=[args.sample])
+        opened = open_run(args, log)
+        data = extract_samples(opened, args.split, list(explain.METHODS), log, only=[args.sample])
     return run_dir, data, args.data or run_config(run_dir)["data_path"]
 
 
@@ -709,9 +630,15 @@ def pyplot():
     return plt
 
 
-def model_segments(segments, k):
-    """Original-frame segments [start, end) -> model frames (frame t is original frame t * k)."""
-    return [(p, g, -(-a // k), -(-b // k)) for p, g, a, b in segments]
+def save_figure(fig, path):
+    """Write a figure atomically (its type from the file name), close it, and return the path."""
+    sa.atomic_write(path, lambda f: fig.savefig(f, format=path.rsplit(".", 1)[-1], bbox_inches="tight"))
+    pyplot().close(fig)
+    return path
+
+
+class Skip(Exception):
+    """A figure that cannot be drawn for this sample or run; the message says why."""
 
 
 def token_ticks(ax, tokens, axis="y"):
@@ -723,7 +650,7 @@ def token_ticks(ax, tokens, axis="y"):
         ax.set_xticks(ticks, tokens, fontsize=size, rotation=90)
 
 
-def percent_axis(ax, T, label="video position (% of frames)"):
+def percent_axis(ax, label="video position (% of frames)"):
     ax.set_xlabel(label)
     ax.set_xlim(0, 100)
 
@@ -733,74 +660,83 @@ def wrap(text, width=110):
     return "\n".join(textwrap.wrap(text, width)) or "(empty)"
 
 
-def plot_sample(run_dir, data, data_path, index, fmt, animate, log):
+def heatmap(ax, values, title, signed=False, label="attention weight"):
+    """tokens x video position (%) image with a colour bar; signed values on a diverging map centred on 0."""
     plt = pyplot()
-    meta = data["meta"]
-    if not 0 <= index < len(data["samples"]):
-        raise sa.DataError(f"--sample {index}: the {meta['split']} extraction holds samples 0..{len(data['samples']) - 1}")
-    s = data["samples"][index]
-    k = meta["data_config"]["subsample"]
-    tokens, T, n = s["tokens"], s["frames"], len(s["tokens"])
-    reference = " ".join(s[f"{meta['target']}_reference"])
-    header = (f"{s['id']} ({meta['split']} sample {index})\nprediction: {wrap(' '.join(s['prediction']))}\n"
-              f"reference:  {wrap(reference)}")
-    stem = os.path.join(run_dir, f"sample{index}_")
-    written = []
-    extent = [0, 100, n - 0.5, -0.5]
-    alignments = sa.read_alignments(data_path).get(s["id"], []) if meta["data_config"]["format"] == "gsl" else []
-
-    def save(fig, name):
-        path = f"{stem}{name}.{fmt}"
-        sa.atomic_write(path, lambda f: fig.savefig(f, format=fmt, bbox_inches="tight"))
-        plt.close(fig)
-        written.append(path)
-
-    def image(ax, values, title, signed=False, label="attention weight"):
-        values = values.float().numpy()
-        if signed:
-            m = max(abs(values.min()), abs(values.max()), 1e-12)
-            im = ax.imshow(values, aspect="auto", cmap="RdBu_r", vmin=-m, vmax=m, extent=extent, interpolation="nearest")
-        else:
-            im = ax.imshow(values, aspect="auto", cmap="viridis", extent=extent, interpolation="nearest")
-        ax.set_title(title, fontsize=10)
-        plt.colorbar(im, ax=ax, label=label, fraction=0.046, pad=0.02)
-        return im
-
-    row_height = 0.26 * n + 1.2
-    # skeleton at key frames
-    pose_path = sa._safe_pose_path(data_path, s["id"]) if meta["data_config"]["format"] == "gsl" else None
-    if pose_path and os.path.exists(pose_path):
-        pose = np.load(pose_path)[:, 0, :, :2]
-        key = [(a + b) // 2 for _, _, a, b in sorted(alignments)][:8] or \
-            np.linspace(0, len(pose) - 1, 6).round().astype(int).tolist()
-        names = {(a + b) // 2: g for _, g, a, b in alignments}
-        fig, axes = plt.subplots(1, len(key), figsize=(2.3 * len(key), 3.4), squeeze=False, layout="constrained")
-        shown = pose[key][:, sa.BODY[:25] + sa.LEFT_HAND + sa.RIGHT_HAND]
-        lo, hi = np.nanmin(shown, (0, 1)), np.nanmax(shown, (0, 1))
-        for ax, f in zip(axes[0], key):
-            draw_skeleton(ax, pose[f])
-            ax.set_xlim(lo[0] - 0.05, hi[0] + 0.05)
-            ax.set_ylim(hi[1] + 0.05, lo[1] - 0.05)
-            ax.set_title(f"frame {f}" + (f"\n{names[f]}" if f in names else ""), fontsize=9)
-            ax.set_aspect("equal")
-            ax.set_xticks([])
-            ax.set_yticks([])
-        fig.suptitle(f"{s['id']}: key frames (x, y image coordinates; red = right hand, blue = left)", fontsize=10)
-        save(fig, "skeleton")
+    values = values.float().numpy()
+    extent = [0, 100, len(values) - 0.5, -0.5]
+    if signed:
+        m = max(abs(values.min()), abs(values.max()), 1e-12)
+        im = ax.imshow(values, aspect="auto", cmap="RdBu_r", vmin=-m, vmax=m, extent=extent, interpolation="nearest")
     else:
-        log("no pose file for this sample: skeleton figures skipped")
-    # decoder cross-attention per layer
-    cross = s["attention"]["decoder_cross"].float().mean(1)                   # (L, n, T)
-    fig, axes = plt.subplots(len(cross), 1, figsize=(10, row_height * len(cross) + 1.2), squeeze=False, layout="constrained")
+        im = ax.imshow(values, aspect="auto", cmap="viridis", extent=extent, interpolation="nearest")
+    ax.set_title(title, fontsize=10)
+    plt.colorbar(im, ax=ax, label=label, fraction=0.046, pad=0.02)
+
+
+class SampleView:
+    """What the figures of one extracted sample draw on: the sample, the extraction's meta, its true gloss
+    segments (original frames; [] without alignments.csv) and its pose array (x, y) where the file exists."""
+
+    def __init__(self, data, data_path, index):
+        meta = self.meta = data["meta"]
+        if not 0 <= index < len(data["samples"]):
+            raise sa.DataError(f"--sample {index}: the {meta['split']} extraction holds samples "
+                               f"0..{len(data['samples']) - 1}")
+        s = self.sample = data["samples"][index]
+        self.index, self.k = index, meta["data_config"]["subsample"]
+        self.tokens, self.T, self.n = s["tokens"], s["frames"], len(s["tokens"])
+        gsl = meta["data_config"]["format"] == "gsl"
+        self.alignments = sorted(sa.read_alignments(data_path).get(s["id"], [])) if gsl else []
+        path = sa._safe_pose_path(data_path, s["id"]) if gsl else None
+        self.pose = np.load(path)[:, 0, :, :2] if path and os.path.exists(path) else None
+        reference = " ".join(s[f"{meta['target']}_reference"])
+        self.header = (f"{s['id']} ({meta['split']} sample {index})\nprediction: {wrap(' '.join(s['prediction']))}\n"
+                       f"reference:  {wrap(reference)}")
+        self.row_height = 0.26 * self.n + 1.2
+
+
+def figure_skeleton(v):
+    """The signer at the centre frame of each true gloss segment (or six even frames), with the gloss."""
+    if v.pose is None:
+        raise Skip("no pose file for this sample")
+    plt, pose = pyplot(), v.pose
+    key = ([(a + b) // 2 for _, _, a, b in v.alignments][:8]
+           or np.linspace(0, len(pose) - 1, 6).round().astype(int).tolist())
+    names = {(a + b) // 2: gloss for _, gloss, a, b in v.alignments}
+    fig, axes = plt.subplots(1, len(key), figsize=(2.3 * len(key), 3.4), squeeze=False, layout="constrained")
+    shown = pose[key][:, sa.BODY[:25] + sa.LEFT_HAND + sa.RIGHT_HAND]
+    lo, hi = np.nanmin(shown, (0, 1)), np.nanmax(shown, (0, 1))
+    for ax, f in zip(axes[0], key):
+        draw_skeleton(ax, pose[f])
+        ax.set_xlim(lo[0] - 0.05, hi[0] + 0.05)
+        ax.set_ylim(hi[1] + 0.05, lo[1] - 0.05)
+        ax.set_title(f"frame {f}" + (f"\n{names[f]}" if f in names else ""), fontsize=9)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{v.sample['id']}: key frames (x, y image coordinates; red = right hand, blue = left)", fontsize=10)
+    return fig
+
+
+def figure_cross_attention(v):
+    """Decoder cross-attention per layer (mean over heads): predicted tokens x video position."""
+    cross = v.sample["attention"]["decoder_cross"].float().mean(1)                   # (L, n, T)
+    fig, axes = pyplot().subplots(len(cross), 1, figsize=(10, v.row_height * len(cross) + 1.2), squeeze=False,
+                                  layout="constrained")
     for l, ax in enumerate(axes[:, 0]):
-        image(ax, cross[l], f"decoder cross-attention, layer {l + 1} (mean over heads)")
-        token_ticks(ax, tokens)
+        heatmap(ax, cross[l], f"decoder cross-attention, layer {l + 1} (mean over heads)")
+        token_ticks(ax, v.tokens)
         ax.set_ylabel("predicted token")
-        percent_axis(ax, T)
-    fig.suptitle(header, fontsize=9, x=0.02, ha="left")
-    save(fig, "cross_attention")
-    # encoder and decoder self-attention per layer
-    enc = s["attention"]["encoder_self"].float().mean(1)
+        percent_axis(ax)
+    fig.suptitle(v.header, fontsize=9, x=0.02, ha="left")
+    return fig
+
+
+def figure_encoder_attention(v):
+    """Encoder self-attention per layer (mean over heads): frames x frames."""
+    plt = pyplot()
+    enc = v.sample["attention"]["encoder_self"].float().mean(1)
     fig, axes = plt.subplots(1, len(enc), figsize=(4.6 * len(enc), 4.2), squeeze=False, layout="constrained")
     for l, ax in enumerate(axes[0]):
         im = ax.imshow(enc[l].numpy(), cmap="viridis", extent=[0, 100, 100, 0], interpolation="nearest")
@@ -808,77 +744,116 @@ def plot_sample(run_dir, data, data_path, index, fmt, animate, log):
         ax.set_title(f"encoder self-attention, layer {l + 1}", fontsize=10)
         ax.set_xlabel("key frame (% of video)")
         ax.set_ylabel("query frame (% of video)")
-    fig.suptitle(f"{s['id']}: {T} model frames (one in {k}), mean over heads", fontsize=10)
-    save(fig, "encoder_attention")
-    dec = s["attention"]["decoder_self"].float().mean(1)
-    inputs = ["<bos>"] + tokens[:-1]
-    fig, axes = plt.subplots(1, len(dec), figsize=(0.3 * n * len(dec) + 3.5 * len(dec), 0.3 * n + 2.5), squeeze=False, layout="constrained")
+    fig.suptitle(f"{v.sample['id']}: {v.T} model frames (one in {v.k}), mean over heads", fontsize=10)
+    return fig
+
+
+def figure_decoder_attention(v):
+    """Decoder self-attention per layer (mean over heads): predicted tokens x previous tokens."""
+    plt, n = pyplot(), v.n
+    dec = v.sample["attention"]["decoder_self"].float().mean(1)
+    fig, axes = plt.subplots(1, len(dec), figsize=(0.3 * n * len(dec) + 3.5 * len(dec), 0.3 * n + 2.5), squeeze=False,
+                             layout="constrained")
     for l, ax in enumerate(axes[0]):
         im = ax.imshow(dec[l].numpy(), cmap="viridis", interpolation="nearest")
         plt.colorbar(im, ax=ax, label="attention weight", fraction=0.046, pad=0.02)
-        token_ticks(ax, tokens)
-        token_ticks(ax, inputs, axis="x")
+        token_ticks(ax, v.tokens)
+        token_ticks(ax, ["<bos>"] + v.tokens[:-1], axis="x")
         ax.set_title(f"decoder self-attention, layer {l + 1}", fontsize=10)
         ax.set_xlabel("decoder input (previous token)")
         ax.set_ylabel("predicted token")
-    save(fig, "decoder_attention")
-    # one panel per explanation method
-    methods = list(s["relevance"])
+    return fig
+
+
+def figure_relevance(v):
+    """One panel per explanation method: predicted tokens x video position."""
+    methods = list(v.sample["relevance"])
     cols = 4
     rows = -(-len(methods) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.8 * cols, row_height * rows + 1.5), squeeze=False, layout="constrained")
+    fig, axes = pyplot().subplots(rows, cols, figsize=(4.8 * cols, v.row_height * rows + 1.5), squeeze=False,
+                                  layout="constrained")
     for ax, method in zip(axes.flat, methods):
-        image(ax, s["relevance"][method], method, signed=method in explain.SIGNED, label="relevance")
-        token_ticks(ax, tokens)
-        percent_axis(ax, T)
+        heatmap(ax, v.sample["relevance"][method], method, signed=method in explain.SIGNED, label="relevance")
+        token_ticks(ax, v.tokens)
+        percent_axis(ax)
     for ax in list(axes.flat)[len(methods):]:
         ax.axis("off")
-    fig.suptitle(header + "\nrelevance of each frame for each predicted token (signed methods: red > 0 > blue)",
+    fig.suptitle(v.header + "\nrelevance of each frame for each predicted token (signed methods: red > 0 > blue)",
                  fontsize=9, x=0.02, ha="left")
-    save(fig, "relevance")
-    # CTC gloss posteriors and the true gloss segments (only where the gloss head was trained)
-    if not meta.get("ctc_trained", True):
-        log("the run trained no CTC gloss head (ctc_weight 0): gloss posterior figure skipped")
-    else:
-        post = s["gloss_posteriors"].float()
-        vocab = meta["gloss_vocab"]
-        shown = sorted({vocab.index(g) for g in s["gloss_reference"] + s["gloss_prediction"] if g in vocab})
-        fig, ax = plt.subplots(figsize=(11, 3.6), layout="constrained")
-        frames = np.arange(T) * k
-        ax.plot(frames, post[:, 0].numpy(), color="0.6", linestyle="--", label="blank")
-        for i in shown:
-            ax.plot(frames, post[:, i].numpy(), label=vocab[i])
-        for j, (_, g, a, b) in enumerate(sorted(alignments)):
-            ax.axvspan(a, b, color=("0.85" if j % 2 else "0.93"), zorder=0)
-            ax.text((a + b) / 2, 1.02, g, ha="center", va="bottom", fontsize=7, rotation=90 if len(alignments) > 6 else 0,
-                    transform=ax.get_xaxis_transform())
-        ax.set_xlabel("frame (original frame rate)")
-        ax.set_ylabel("CTC posterior")
-        ax.set_ylim(0, 1)
-        ax.set_xlim(0, max(frames[-1], 1))
-        ax.legend(fontsize=7, ncol=1, loc="upper left", bbox_to_anchor=(1.01, 1))
-        ax.set_title(f"{s['id']}: CTC gloss posteriors" + (" over the true gloss segments (grey)" if alignments else ""),
-                     fontsize=10, pad=40 if alignments else 6)
-        save(fig, "gloss_posteriors")
-    # reliance on the video versus the previous tokens
-    video, prev = s["branch_norms"]["video"].float(), s["branch_norms"]["tokens"].float()
-    fig, axes = plt.subplots(1, 2, figsize=(max(9, 0.45 * n + 6), 3.8), layout="constrained")
+    return fig
+
+
+def figure_gloss_posteriors(v):
+    """The CTC gloss posteriors over time, on the true gloss segments."""
+    if not v.meta.get("ctc_trained", True):
+        raise Skip("the run trained no CTC gloss head (ctc_weight 0)")
+    s, vocab, segments = v.sample, v.meta["gloss_vocab"], v.alignments
+    post = s["gloss_posteriors"].float()
+    shown = sorted({vocab.index(g) for g in s["gloss_reference"] + s["gloss_prediction"] if g in vocab})
+    fig, ax = pyplot().subplots(figsize=(11, 3.6), layout="constrained")
+    frames = np.arange(v.T) * v.k
+    ax.plot(frames, post[:, 0].numpy(), color="0.6", linestyle="--", label="blank")
+    for i in shown:
+        ax.plot(frames, post[:, i].numpy(), label=vocab[i])
+    for j, (_, gloss, a, b) in enumerate(segments):
+        ax.axvspan(a, b, color=("0.85" if j % 2 else "0.93"), zorder=0)
+        ax.text((a + b) / 2, 1.02, gloss, ha="center", va="bottom", fontsize=7,
+                rotation=90 if len(segments) > 6 else 0, transform=ax.get_xaxis_transform())
+    ax.set_xlabel("frame (original frame rate)")
+    ax.set_ylabel("CTC posterior")
+    ax.set_ylim(0, 1)
+    ax.set_xlim(0, max(frames[-1], 1))
+    ax.legend(fontsize=7, ncol=1, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.set_title(f"{s['id']}: CTC gloss posteriors" + (" over the true gloss segments (grey)" if segments else ""),
+                 fontsize=10, pad=40 if segments else 6)
+    return fig
+
+
+def figure_reliance(v):
+    """Per decoding step, the norms of the cross-attention (video) and self-attention (previous tokens)
+    outputs, and the video's share."""
+    n = v.n
+    video, prev = v.sample["branch_norms"]["video"].float(), v.sample["branch_norms"]["tokens"].float()
+    fig, axes = pyplot().subplots(1, 2, figsize=(max(9, 0.45 * n + 6), 3.8), layout="constrained")
     for l in range(len(video)):
         axes[0].plot(range(n), video[l].numpy(), marker="o", label=f"video (cross-attention), layer {l + 1}")
-        axes[0].plot(range(n), prev[l].numpy(), marker="s", linestyle="--", label=f"previous tokens (self-attention), layer {l + 1}")
-        axes[1].plot(range(n), (video[l] / (video[l] + prev[l]).clamp(min=1e-12)).numpy(), marker="o", label=f"layer {l + 1}")
+        axes[0].plot(range(n), prev[l].numpy(), marker="s", linestyle="--",
+                     label=f"previous tokens (self-attention), layer {l + 1}")
+        axes[1].plot(range(n), (video[l] / (video[l] + prev[l]).clamp(min=1e-12)).numpy(), marker="o",
+                     label=f"layer {l + 1}")
     axes[0].set_ylabel("L2 norm of the attention output")
     axes[1].set_ylabel("video share = video / (video + tokens)")
     axes[1].set_ylim(0, 1)
     for ax in axes:
-        token_ticks(ax, tokens, axis="x")
+        token_ticks(ax, v.tokens, axis="x")
         ax.set_xlabel("decoding step (predicted token)")
         ax.legend(fontsize=7)
     axes[0].set_title("what each decoding step draws on", fontsize=10)
     axes[1].set_title("reliance on the video", fontsize=10)
-    save(fig, "reliance")
-    if animate and pose_path and os.path.exists(pose_path):
-        written.append(animate_sample(plt, s, pose, cross[-1], k, f"{stem}animation.gif"))
+    return fig
+
+
+SAMPLE_FIGURES = dict(skeleton=figure_skeleton, cross_attention=figure_cross_attention,
+                      encoder_attention=figure_encoder_attention, decoder_attention=figure_decoder_attention,
+                      relevance=figure_relevance, gloss_posteriors=figure_gloss_posteriors, reliance=figure_reliance)
+
+
+def plot_sample(run_dir, data, data_path, index, figure_type, animate, log):
+    """Every figure of SAMPLE_FIGURES for one extracted sample, as RUN/sample<index>_<name>.<type>; with
+    `animate`, also the GIF."""
+    view = SampleView(data, data_path, index)
+    written = []
+    for name, draw in SAMPLE_FIGURES.items():
+        try:
+            fig = draw(view)
+        except Skip as why:
+            log(f"{name} figure skipped: {why}")
+            continue
+        written.append(save_figure(fig, os.path.join(run_dir, f"sample{index}_{name}.{figure_type}")))
+    if animate and view.pose is not None:
+        cross = view.sample["attention"]["decoder_cross"].float().mean(1)[-1]
+        written.append(animate_sample(pyplot(), view.sample, view.pose, cross, view.k,
+                                      os.path.join(run_dir, f"sample{index}_animation.gif")))
     return written
 
 
@@ -936,156 +911,144 @@ def segment_sources(data, data_path):
     return alignments, links
 
 
-def global_numbers(data, alignments, links, correct_only):
-    """The numbers behind the global figures, over the samples whose prediction equals the reference
-    (correct_only) or over all samples."""
-    meta = data["meta"]
-    k = meta["data_config"]["subsample"]
-    target = meta["target"]
-    samples = [s for s in data["samples"] if not correct_only or s["prediction"] == s[f"{target}_reference"]]
-    layers = len(samples[0]["attention"]["decoder_cross"]) if samples else 0
-    bins = 20
-    out = dict(count=len(samples), profiles={}, diagonality=[[] for _ in range(layers)], reliance={},
-               offsets=[], entropy={}, pointing={}, mass={})
-    for s in samples:
-        cross = s["attention"]["decoder_cross"].float().mean(1)             # (L, n, T)
-        words = len(s["tokens"]) - (s["tokens"][-1] == sa.EOS)                # tokens before EOS
-        length = min(words, 5)
-        if words >= 1:
-            profile = explain.relative_profile(cross[-1, :words], bins)
-            out["profiles"].setdefault(length, []).append(profile if length < 5 else profile[:5])
-        for l in range(layers):
-            if words >= 2:
-                out["diagonality"][l].append(explain.diagonality(cross[l, :words]))
-        video, prev = s["branch_norms"]["video"].float(), s["branch_norms"]["tokens"].float()
-        share = (video / (video + prev).clamp(min=1e-12)).mean(0)
-        out["reliance"].setdefault(length, []).append(share)
-        enc = s["attention"]["encoder_self"].float().mean(1)
-        out["offsets"].append(torch.stack([explain.offset_profile(a, 10) for a in enc]))
-        for group, maps in s["attention"].items():
-            out["entropy"].setdefault(group, []).append(
-                torch.stack([explain.entropy(a.float(), causal=group == "decoder_self") for a in maps]))
-        segments = token_segments(s, alignments.get(s["id"], []), k, target, links)
-        for method, rel in s["relevance"].items():
-            if segments:
-                out["pointing"].setdefault(method, []).extend(explain.pointing_game(rel, segments))
-                out["mass"].setdefault(method, []).extend(explain.segment_mass(rel, segments))
-    return out
+def length_label(L):
+    return f"{L}{'+' if L == 5 else ''} token{'s' if L > 1 else ''}"
 
 
-def token_segments(sample, alignments, k, target, links):
-    """(token row, start, end) in model frames for predicted tokens that realise a gloss with a known segment:
-    glosses by position where the decoder writes the reference glosses; text words through `links` where
-    the linked gloss occurs once in the sentence."""
-    segments = model_segments(alignments, k)
-    if target == "gloss":
-        by_position = {p: (a, b) for p, g, a, b in segments}
-        return [(t, *by_position[t]) for t, g in enumerate(sample["tokens"])
-                if t in by_position and sample["gloss_reference"][t] == g]
-    if not links:
-        return []
-    once = {g: (a, b) for p, g, a, b in segments if sample["gloss_reference"].count(g) == 1}
-    return [(t, *once[links[w]]) for t, w in enumerate(sample["tokens"]) if links.get(w) in once]
-
-
-def plot_all(run_dir, data, data_path, fmt, log):
+def figure_cross_attention_by_length(numbers, label, meta):
+    """Decoder cross-attention (last layer) by relative video position, one panel per sentence length."""
     plt = pyplot()
-    written = []
-    meta = data["meta"]
+    lengths = sorted(numbers["profiles"])
+    fig, axes = plt.subplots(1, len(lengths), figsize=(3.6 * len(lengths), 3.6), squeeze=False, layout="constrained")
+    for ax, L in zip(axes[0], lengths):
+        mean = torch.stack(numbers["profiles"][L]).mean(0).numpy()
+        im = ax.imshow(mean, aspect="auto", cmap="viridis", extent=[0, 100, len(mean) - 0.5, -0.5])
+        plt.colorbar(im, ax=ax, label="attention mass", fraction=0.046, pad=0.02)
+        ax.set_yticks(range(len(mean)), [str(i + 1) for i in range(len(mean))])
+        ax.set_xlabel("video position (% of frames)")
+        ax.set_title(f"{length_label(L)} ({len(numbers['profiles'][L])} samples)" + (", first 5 shown" if L == 5 else ""),
+                     fontsize=10)
+    fig.supylabel("token position", fontsize=10)        # once: beside each colour bar it met its label
+    fig.suptitle(f"Decoder cross-attention (last layer) by relative video position: {label}", fontsize=10)
+    return fig
+
+
+def diagonality_scores(numbers):
+    return [float(np.nanmean(d)) if d else float("nan") for d in numbers["diagonality"]]
+
+
+def figure_diagonality(numbers, label, meta):
+    """Per decoder layer, the Spearman correlation of token position and cross-attention centroid."""
+    scores = diagonality_scores(numbers)
+    fig, ax = pyplot().subplots(figsize=(4 + 0.6 * len(scores), 3.4), layout="constrained")
+    ax.bar([f"layer {l + 1}" for l in range(len(scores))], scores, color="tab:green")
+    for l, value in enumerate(scores):
+        ax.text(l, value, f"{value:.2f}", ha="center", va="bottom" if value >= 0 else "top")
+    ax.set_ylim(-1, 1.1)
+    ax.axhline(0, color="0.5", linewidth=0.8)
+    ax.set_ylabel("diagonality (Spearman, token position\nvs cross-attention centroid)")
+    ax.set_title(f"Diagonality of the cross-attention: {label}", fontsize=9)
+    return fig
+
+
+def figure_global_reliance(numbers, label, meta):
+    """The video share of each decoding step's attention outputs, per sentence length."""
+    fig, ax = pyplot().subplots(figsize=(7, 3.8), layout="constrained")
+    for L in sorted(numbers["reliance"]):
+        rows = numbers["reliance"][L]
+        width = max(len(r) for r in rows)
+        padded = torch.full((len(rows), width), float("nan"))
+        for i, r in enumerate(rows):
+            padded[i, :len(r)] = r
+        ax.plot(range(1, width + 1), np.nanmean(padded.numpy(), 0), marker="o", label=length_label(L))
+    ax.set_xlabel("decoding step (1 = first token; the last step writes EOS)")
+    ax.set_ylabel("video share of the attention outputs\n(mean over decoder layers)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title(f"Reliance on the video vs the previous tokens: {label}", fontsize=9)
+    return fig
+
+
+def figure_encoder_offsets(numbers, label, meta):
+    """Encoder self-attention by relative frame offset, per layer."""
+    mean = np.nanmean(torch.stack(numbers["offsets"]).numpy(), 0)                  # (L, 21)
+    fig, ax = pyplot().subplots(figsize=(7, 3.6), layout="constrained")
+    for l, row in enumerate(mean):
+        ax.plot(range(-10, 11), row, marker="o", label=f"layer {l + 1}")
+    ax.set_xlabel(f"key frame - query frame (model frames, one in {meta['data_config']['subsample']})")
+    ax.set_ylabel("mean attention weight")
+    ax.legend(fontsize=8)
+    ax.set_title(f"Encoder self-attention by relative frame offset: {label}", fontsize=9)
+    return fig
+
+
+def figure_entropy(numbers, label, meta):
+    """Normalised attention entropy per layer and head, for each attention group."""
+    plt = pyplot()
+    groups = list(numbers["entropy"])
+    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.2), squeeze=False, layout="constrained")
+    for ax, group in zip(axes[0], groups):
+        values = np.nanmean(torch.stack(numbers["entropy"][group]).numpy(), 0)     # (L, h)
+        im = ax.imshow(values, cmap="magma", vmin=0, vmax=1, aspect="auto")
+        plt.colorbar(im, ax=ax, label="normalised entropy", fraction=0.046, pad=0.02)
+        ax.set_xticks(range(values.shape[1]), [str(h + 1) for h in range(values.shape[1])])
+        ax.set_yticks(range(values.shape[0]), [str(l + 1) for l in range(values.shape[0])])
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_title(group.replace("_", " "), fontsize=10)
+    fig.suptitle(f"Attention entropy (0 = one key, 1 = uniform): {label}", fontsize=10)
+    return fig
+
+
+def figure_pointing_game(numbers, label, meta):
+    """Each method's pointing-game accuracy and relevance mass in the true gloss segments."""
+    if not numbers["pointing"]:
+        raise Skip("no alignments.csv, so no true gloss segments")
+    methods = list(numbers["pointing"])
+    accuracy = [100 * np.mean(numbers["pointing"][m]) for m in methods]
+    mass = [100 * np.mean(numbers["mass"][m]) for m in methods]
+    fig, ax = pyplot().subplots(figsize=(10, 3.8), layout="constrained")
+    x = np.arange(len(methods))
+    ax.bar(x - 0.2, accuracy, 0.4, label="pointing game (argmax in the segment)")
+    ax.bar(x + 0.2, mass, 0.4, label="positive relevance mass in the segment")
+    ax.set_xticks(x, methods, rotation=45, ha="right")
+    ax.set_ylabel("% (hits, or mean share of mass)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    ax.set_title(f"Plausibility against the true gloss segments ({len(numbers['pointing'][methods[0]])} "
+                 f"occurrences): {label}", fontsize=9)
+    return fig
+
+
+GLOBAL_FIGURES = dict(cross_attention_by_length=figure_cross_attention_by_length, diagonality=figure_diagonality,
+                      reliance=figure_global_reliance, encoder_offsets=figure_encoder_offsets,
+                      entropy=figure_entropy, pointing_game=figure_pointing_game)
+
+
+def plot_all(run_dir, data, data_path, figure_type, log):
+    """Every figure of GLOBAL_FIGURES twice, over the samples whose prediction equals the reference
+    (RUN/all_correct_<name>) and over all samples (RUN/all_all_<name>)."""
+    written, meta = [], data["meta"]
     alignments, links = segment_sources(data, data_path)
     for correct_only in (True, False):
         view = "correct" if correct_only else "all"
-        g = global_numbers(data, alignments, links, correct_only)
-        label = (f"{g['count']} {meta['split']} samples whose prediction equals the reference" if correct_only
-                 else f"all {g['count']} {meta['split']} samples")
-        if not g["count"]:
+        numbers = explain.global_numbers(data, alignments, links, correct_only)
+        if not numbers["count"]:
             log(f"no {meta['split']} sample in the '{view}' view: its figures are skipped")
             continue
-
-        def save(fig, name):
-            path = os.path.join(run_dir, f"all_{view}_{name}.{fmt}")
-            sa.atomic_write(path, lambda f: fig.savefig(f, format=fmt, bbox_inches="tight"))
-            plt.close(fig)
-            written.append(path)
-
-        lengths = sorted(g["profiles"])
-        fig, axes = plt.subplots(1, len(lengths), figsize=(3.6 * len(lengths), 3.6), squeeze=False, layout="constrained")
-        for ax, L in zip(axes[0], lengths):
-            mean = torch.stack(g["profiles"][L]).mean(0).numpy()
-            im = ax.imshow(mean, aspect="auto", cmap="viridis", extent=[0, 100, len(mean) - 0.5, -0.5])
-            plt.colorbar(im, ax=ax, label="attention mass", fraction=0.046, pad=0.02)
-            ax.set_yticks(range(len(mean)), [str(i + 1) for i in range(len(mean))])
-            ax.set_xlabel("video position (% of frames)")
-            ax.set_title(f"{L}{'+' if L == 5 else ''} token{'s' if L > 1 else ''} ({len(g['profiles'][L])} samples)"
-                         + (", first 5 shown" if L == 5 else ""), fontsize=10)
-        fig.supylabel("token position", fontsize=10)        # once: beside each colour bar it met its label
-        fig.suptitle(f"Decoder cross-attention (last layer) by relative video position: {label}", fontsize=10)
-        save(fig, "cross_attention_by_length")
-        scores = [float(np.nanmean(d)) if d else float("nan") for d in g["diagonality"]]
-        fig, ax = plt.subplots(figsize=(4 + 0.6 * len(scores), 3.4), layout="constrained")
-        ax.bar([f"layer {l + 1}" for l in range(len(scores))], scores, color="tab:green")
-        for l, v in enumerate(scores):
-            ax.text(l, v, f"{v:.2f}", ha="center", va="bottom" if v >= 0 else "top")
-        ax.set_ylim(-1, 1.1)
-        ax.axhline(0, color="0.5", linewidth=0.8)
-        ax.set_ylabel("diagonality (Spearman, token position\nvs cross-attention centroid)")
-        ax.set_title(f"Diagonality of the cross-attention: {label}", fontsize=9)
-        save(fig, "diagonality")
+        label = (f"{numbers['count']} {meta['split']} samples whose prediction equals the reference" if correct_only
+                 else f"all {numbers['count']} {meta['split']} samples")
+        for name, draw in GLOBAL_FIGURES.items():
+            try:
+                fig = draw(numbers, label, meta)
+            except Skip:
+                continue
+            written.append(save_figure(fig, os.path.join(run_dir, f"all_{view}_{name}.{figure_type}")))
+        scores = diagonality_scores(numbers)
         log(f"diagonality ({view}): " + ", ".join(f"layer {l + 1} {v:.3f}" for l, v in enumerate(scores)))
-        fig, ax = plt.subplots(figsize=(7, 3.8), layout="constrained")
-        for L in sorted(g["reliance"]):
-            rows = g["reliance"][L]
-            width = max(len(r) for r in rows)
-            padded = torch.full((len(rows), width), float("nan"))
-            for i, r in enumerate(rows):
-                padded[i, :len(r)] = r
-            ax.plot(range(1, width + 1), np.nanmean(padded.numpy(), 0), marker="o",
-                    label=f"{L}{'+' if L == 5 else ''} token{'s' if L > 1 else ''}")
-        ax.set_xlabel("decoding step (1 = first token; the last step writes EOS)")
-        ax.set_ylabel("video share of the attention outputs\n(mean over decoder layers)")
-        ax.set_ylim(0, 1)
-        ax.legend(fontsize=8)
-        ax.set_title(f"Reliance on the video vs the previous tokens: {label}", fontsize=9)
-        save(fig, "reliance")
-        offsets = torch.stack(g["offsets"])                                 # (samples, L, 21)
-        mean = np.nanmean(offsets.numpy(), 0)
-        fig, ax = plt.subplots(figsize=(7, 3.6), layout="constrained")
-        for l, row in enumerate(mean):
-            ax.plot(range(-10, 11), row, marker="o", label=f"layer {l + 1}")
-        ax.set_xlabel(f"key frame - query frame (model frames, one in {meta['data_config']['subsample']})")
-        ax.set_ylabel("mean attention weight")
-        ax.legend(fontsize=8)
-        ax.set_title(f"Encoder self-attention by relative frame offset: {label}", fontsize=9)
-        save(fig, "encoder_offsets")
-        groups = list(g["entropy"])
-        fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.2), squeeze=False, layout="constrained")
-        for ax, group in zip(axes[0], groups):
-            values = np.nanmean(torch.stack(g["entropy"][group]).numpy(), 0)     # (L, h)
-            im = ax.imshow(values, cmap="magma", vmin=0, vmax=1, aspect="auto")
-            plt.colorbar(im, ax=ax, label="normalised entropy", fraction=0.046, pad=0.02)
-            ax.set_xticks(range(values.shape[1]), [str(h + 1) for h in range(values.shape[1])])
-            ax.set_yticks(range(values.shape[0]), [str(l + 1) for l in range(values.shape[0])])
-            ax.set_xlabel("head")
-            ax.set_ylabel("layer")
-            ax.set_title(group.replace("_", " "), fontsize=10)
-        fig.suptitle(f"Attention entropy (0 = one key, 1 = uniform): {label}", fontsize=10)
-        save(fig, "entropy")
-        if g["pointing"]:
-            methods = list(g["pointing"])
-            accuracy = [100 * np.mean(g["pointing"][m]) for m in methods]
-            mass = [100 * np.mean(g["mass"][m]) for m in methods]
-            fig, ax = plt.subplots(figsize=(10, 3.8), layout="constrained")
-            x = np.arange(len(methods))
-            ax.bar(x - 0.2, accuracy, 0.4, label="pointing game (argmax in the segment)")
-            ax.bar(x + 0.2, mass, 0.4, label="positive relevance mass in the segment")
-            ax.set_xticks(x, methods, rotation=45, ha="right")
-            ax.set_ylabel("% (hits, or mean share of mass)")
-            ax.set_ylim(0, 100)
-            ax.legend(fontsize=8)
-            ax.set_title(f"Plausibility against the true gloss segments ({len(g['pointing'][methods[0]])} "
-                         f"occurrences): {label}", fontsize=9)
-            save(fig, "pointing_game")
-            log(f"pointing game ({view}): " + ", ".join(f"{m} {a:.1f}%" for m, a in zip(methods, accuracy)))
+        if numbers["pointing"]:
+            log(f"pointing game ({view}): "
+                + ", ".join(f"{m} {100 * np.mean(hits):.1f}%" for m, hits in numbers["pointing"].items()))
     return written
 
 
@@ -1094,16 +1057,16 @@ def plot(args):
     start = time.time()
     run_dir, data, data_path = load_extract(args, log)
     if args.all:
-        written = plot_all(run_dir, data, data_path, args.format, log)
+        written = plot_all(run_dir, data, data_path, args.figure_type, log)
     else:
-        written = plot_sample(run_dir, data, data_path, args.sample, args.format, args.animate, log)
+        written = plot_sample(run_dir, data, data_path, args.sample, args.figure_type, args.animate, log)
     for path in written:
         log(path)
     log(f"{len(written)} figures in {time.time() - start:.1f}s")
 
 
 # ----------------------------------------------------------------------------------------------------
-# Faithfulness (perturbation tests) and plausibility
+# Reports: faithfulness (perturbation tests) and plausibility
 # ----------------------------------------------------------------------------------------------------
 
 def perturb_samples(args, opened, methods, log):
@@ -1124,9 +1087,7 @@ def perturb_samples(args, opened, methods, log):
         why = ("an earlier checkpoint" if meta["epoch"] != state["epoch"] else
                "other methods" if not set(methods) <= set(meta["methods"]) else "other samples")
         log(f"{path} holds {why}: explaining {count} samples now")
-    options = argparse.Namespace(**{**vars(args), "run": run_dir, "methods": ",".join(methods), "batch_size": 16,
-                                    "limit": count, "beam": None})
-    data = extract_samples(options, log, opened=opened)
+    data = extract_samples(opened, args.split, methods, log, limit=count)
     data["samples"] = data["samples"][:count]
     if count == len(dataset) and set(methods) >= set(explain.METHODS) and not os.path.exists(path):
         sa.save_checkpoint(path, data)
@@ -1162,19 +1123,6 @@ class Progress:
             self.printed = time.time()
 
 
-def sentence_scores(decoded, references, target):
-    """Token accuracy of each perturbed greedy decoding against the clean one (fraction 0), position by
-    position up to the clean EOS, and sacrebleu's BLEU statistics against the reference: (B, 2, P) and
-    (B, 2, P, 10)."""
-    clean = decoded[:, 0, 0]                                                 # (B, L)
-    length = ((clean != sa.Vocabulary.pad_id).sum(-1)).clamp(min=1)
-    valid = torch.arange(clean.shape[1]) < length[:, None]
-    accuracy = ((decoded == clean[:, None, None]) & valid[:, None, None]).sum(-1).double() / length[:, None, None]
-    stats = [[[sa.bleu_statistics(" ".join(target.decode(ids)), ref) for ids in row] for row in rows]
-             for rows, ref in zip(decoded.tolist(), references)]
-    return accuracy, torch.tensor(stats, dtype=torch.float64)
-
-
 def perturb(args):
     """Positive/negative perturbation AUC of each method with 95% bootstrap intervals, random as control,
     and the pointing game and relevance mass in the true segments where alignments exist."""
@@ -1187,9 +1135,10 @@ def perturb(args):
     run_dir, model, dataset, _, state, device = opened
     data = perturb_samples(args, opened, methods, log)
     samples, meta = data["samples"], data["meta"]
-    plausibility = plausibility_of(data, args.data or state["config"]["data_path"], methods)
+    plausibility = explain.plausibility(data, *segment_sources(data, args.data or state["config"]["data_path"]),
+                                        methods)
     B, target = len(samples), dataset.target_vocab
-    batch = to(dataset.batch(list(range(B))), device)
+    batch = to_device(dataset.batch(list(range(B))), device)
     src, mask = batch["src"], batch["src_mask"]
     lengths = sa.frame_lengths(mask)
     for b, s in enumerate(samples):
@@ -1224,17 +1173,17 @@ def perturb(args):
             decoded = explain.sentence_perturbation(model, src, mask, R.to(device), out != target.pad_id,
                                                     dataset.cfg.max_tokens + 1, mode=args.perturb_mode, seed=seed,
                                                     progress=progress)
-            curves[method], stats[method] = sentence_scores(decoded.cpu(), references, target)
-    rows = perturb_table(curves, stats, plausibility, args.bootstrap, seed)
+            curves[method], stats[method] = explain.sentence_scores(decoded.cpu(), references, target)
+    rows = explain.perturb_table(curves, stats, plausibility, args.bootstrap, seed)
     stem = os.path.join(run_dir, f"perturb_{args.split}_{args.level}" + ("_zero" if args.perturb_mode == "zero" else "")
                         + (f"_first{B}" if B < len(dataset) else "") + ("_" + "+".join(methods) if named else ""))
     clean = clean_score(curves, stats)
-    means = mean_curves(curves, stats)
+    means = explain.mean_curves(curves, stats)
     written = write_perturb(stem, rows, means, args, B, clean)
     written.append(plot_curves(stem, means, rows, args, B))
     log(markdown_table(rows, args.level))
     log(clean)
-    log(verdict(rows))
+    log(explain.verdict(rows))
     for path in written:
         log(path)
     log(f"perturbation tests of {len(methods)} methods on {B} samples in {format_time(time.time() - start)}")
@@ -1248,73 +1197,6 @@ def clean_score(curves, stats):
                 f"model's first choice (mean over samples)")
     bleu = float(sa.bleu_from_statistics(next(iter(stats.values()))[:, 0, 0].sum(0).numpy()))
     return f"clean input: greedy decoding BLEU-4 {bleu:.2f} against the reference"
-
-
-def plausibility_of(data, data_path, methods):
-    """{method: (pointing-game hits, relevance mass in the segment)} over the gloss occurrences with a true
-    segment and a token that realises them, and 'sample': each occurrence's sample; {} without alignments."""
-    alignments, links = segment_sources(data, data_path)
-    if not alignments:
-        return {}
-    meta = data["meta"]
-    out, sample = {m: ([], []) for m in methods}, []
-    for b, s in enumerate(data["samples"]):
-        segments = token_segments(s, alignments.get(s["id"], []), meta["data_config"]["subsample"], meta["target"],
-                                  links)
-        sample += [b] * len(segments)
-        for m in methods:
-            out[m][0].extend(explain.pointing_game(s["relevance"][m], segments))
-            out[m][1].extend(explain.segment_mass(s["relevance"][m], segments))
-    tensor = lambda v: torch.tensor(v, dtype=torch.float64)
-    return dict({m: (tensor(h), tensor(v)) for m, (h, v) in out.items()}, sample=torch.tensor(sample, dtype=torch.long))
-
-
-def perturb_table(curves, stats, plausibility, resamples, seed):
-    """One row per method: each measure as (value, low, high) with a 95% bootstrap interval over the samples,
-    and the tests on which it beats random: where the interval of its difference to random (paired: every
-    method sees the same resamples) excludes 0 on the better side. AUCs are means over samples; BLEU is a
-    corpus score and plausibility a share of gloss occurrences, recomputed on each resample."""
-    AUC = {m: explain.auc(c) for m, c in curves.items()}                   # (B, 2) per sample
-    B = len(next(iter(curves.values())))
-    interval = lambda statistic: explain.bootstrap(statistic, B, resamples, seed=seed)
-    mean = lambda values: (lambda w: w @ values / B)
-
-    def corpus_bleu(s, d):                                                  # s (B, 2, P, 10) statistics
-        def statistic(w):
-            summed = (w @ s.reshape(B, -1)).reshape(len(w), *s.shape[1:])
-            return explain.auc(sa.bleu_from_statistics(summed.numpy())[:, d] / 100)
-        return statistic
-
-    def share(values):                                                      # over occurrences, samples drawn
-        occurrence = plausibility["sample"]
-        return lambda w: (w[:, occurrence] @ values) / w[:, occurrence].sum(-1).clamp(min=1)
-
-    def beats(statistic, random_statistic, lower_is_better):
-        _, low, high = interval(lambda w: statistic(w) - random_statistic(w))
-        return high < 0 if lower_is_better else low > 0
-
-    rows = []
-    for m in curves:
-        row, better = dict(method=m), []
-        for d, direction in enumerate(explain.DIRECTIONS):
-            row[direction] = interval(mean(AUC[m][:, d]))
-            if beats(mean(AUC[m][:, d]), mean(AUC["random"][:, d]), d == 0):
-                better.append(direction)
-            if stats:
-                row[f"bleu_{direction}"] = interval(corpus_bleu(stats[m], d))
-                if beats(corpus_bleu(stats[m], d), corpus_bleu(stats["random"], d), d == 0):
-                    better.append(f"BLEU {direction}")
-        if plausibility:
-            (hits, mass), (random_hits, _) = plausibility[m], plausibility["random"]
-            row["occurrences"] = len(hits)
-            if len(hits):
-                row["pointing"] = interval(share(100 * hits))
-                row["mass"] = interval(share(100 * mass))
-                if beats(share(hits), share(random_hits), False):
-                    better.append("pointing")
-        row["beats_random"] = better if m != "random" else None
-        rows.append(row)
-    return rows
 
 
 MEASURES = dict(token=[("positive", "positive AUC (lower is better)"), ("negative", "negative AUC (higher is better)")],
@@ -1341,25 +1223,6 @@ def markdown_table(rows, level):
     return "\n".join(lines)
 
 
-def verdict(rows):
-    """Which methods beat random on both perturbation tests, and on plausibility."""
-    both = [r["method"] for r in rows if r["beats_random"] and {"positive", "negative"} <= set(r["beats_random"])]
-    plausible = [r["method"] for r in rows if r["beats_random"] and "pointing" in r["beats_random"]]
-    text = "beat random on both perturbation tests (paired 95% bootstrap): " + (", ".join(both) or "none")
-    if "pointing" in rows[0]:
-        text += "\nbeat random on the pointing game: " + (", ".join(plausible) or "none")
-    return text
-
-
-def mean_curves(curves, stats):
-    """{method: {'score': (2, P), and at sentence level 'bleu4': (2, P)}}: the mean score per direction and
-    fraction over samples, and the corpus BLEU-4, as the curves CSV and the figure show them."""
-    means = {m: dict(score=c.mean(0).numpy()) for m, c in curves.items()}
-    for m, s in stats.items():
-        means[m]["bleu4"] = sa.bleu_from_statistics(s.sum(0).numpy())
-    return means
-
-
 def write_perturb(stem, rows, means, args, count, clean):
     """The table as CSV and Markdown, and the mean curves as CSV."""
     columns = table_columns(rows, args.level)
@@ -1380,7 +1243,7 @@ def write_perturb(stem, rows, means, args, count, clean):
                 "AUC of the score against the fraction of frames removed (0 to 0.9, x 100, so 90 at most), the "
                 "mean over samples (BLEU: of the corpus score); plausibility over gloss occurrences. Brackets: 95% "
                 f"bootstrap interval over the {count} samples.\n\n")
-        f.write(markdown_table(rows, args.level) + "\n\n" + clean + "\n\n" + verdict(rows) + "\n")
+        f.write(markdown_table(rows, args.level) + "\n\n" + clean + "\n\n" + explain.verdict(rows) + "\n")
 
     def curves(f):
         w = csv.writer(f, lineterminator="\n")
@@ -1427,10 +1290,7 @@ def plot_curves(stem, means, rows, args, count):
         ax.legend(fontsize=7, title="method (AUC)", title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.suptitle(f"Perturbation tests, {args.level} level: {count} {args.split} samples, frames removed by "
                  f"{'the key mask' if args.perturb_mode == 'mask' else 'zeroing'}", fontsize=11)
-    path = f"{stem}.{args.format}"
-    sa.atomic_write(path, lambda f: fig.savefig(f, format=args.format, bbox_inches="tight"))
-    plt.close(fig)
-    return path
+    return save_figure(fig, f"{stem}.{args.figure_type}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1476,12 +1336,30 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def add_config_options(parser, section):
+    """One option per field of a configuration dataclass that carries help (see signattention.option): a
+    number range-checked, a choice among its values, a flag pair (--x / --no-x) for a boolean. Unset options
+    stay None, so the preset's value holds."""
+    for f in fields(section):
+        if "help" not in f.metadata:
+            continue
+        meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+        shown = ("on" if f.default else "off") if f.type is bool else f.default
+        help = (meta["help"] + (f" (default {shown})" if shown != "" else "")).replace("%", "%%")
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
+        elif "choices" in meta:
+            parser.add_argument(flag, choices=meta["choices"], type=f.type, help=help)
+        else:
+            parser.add_argument(flag, type=Number(f.type, meta.get("low"), meta.get("high"), meta.get("open_low", False)),
+                                help=help)
+
+
 def parser():
     p = Parser(description="Interpretable sign language translation: train, evaluate, explain.")
     sub = p.add_subparsers(dest="mode", required=True)
     shared = Parser(add_help=False)
     shared.add_argument("--data", help=f"dataset folder or signjoey prefix (default: {SYNTHETIC}, generated if missing)")
-    shared.add_argument("--format", choices=("gsl", "signjoey"), default="gsl", help="dataset layout (DATA.md 1 or 2)")
     shared.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to compute")
     shared.add_argument("--skip-bad", action="store_true", help="skip bad samples with a warning instead of stopping")
     shared.add_argument("--seed", type=SEED, help="random seed (default 0)")
@@ -1489,19 +1367,13 @@ def parser():
     t = sub.add_parser("train", parents=[shared], help="train a model (default: synthetic GSL)")
     t.add_argument("--out", help="run folder (default: runs/<time>-<data>-<preset>)")
     t.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
-    t.add_argument("--preset", choices=sorted(PRESETS), default="default", help="configuration to start from")
-    t.add_argument("--epochs", type=COUNT, help="number of training epochs")
-    t.add_argument("--batch-size", type=COUNT, help="samples per batch")
-    t.add_argument("--lr", type=Number(float, 0.0, open_low=True), help="peak learning rate")
-    t.add_argument("--signcl", type=WEIGHT, help="weight of the SignCL loss on the encoder features (e.g. 0.01)")
-    t.add_argument("--ctc-weight", type=WEIGHT, help="weight of the CTC gloss loss (0 disables the gloss head)")
-    t.add_argument("--target", choices=("text", "gloss"), help="what the decoder writes")
-    t.add_argument("--subsample", type=COUNT, help="keep one frame per chunk of this many")
-    t.add_argument("--d-model", type=COUNT, help="transformer width")
-    t.add_argument("--encoder-layers", type=COUNT, help="encoder depth")
-    t.add_argument("--decoder-layers", type=COUNT, help="decoder depth")
-    t.add_argument("--patience", type=INDEX, help="early stopping patience in epochs (0: off)")
-    t.add_argument("--beam", type=COUNT, help="beam size of the final evaluation (1: greedy)")
+    t.add_argument("--format", choices=("gsl", "signjoey"), default="gsl",
+                   help="dataset layout of --data: the GSL folder layout, or signjoey feature pickles (see README)")
+    t.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                   help="configuration to start from; the options below override it (their defaults are the "
+                        "default preset's)")
+    for section in (sa.DataConfig, sa.ModelConfig, TrainConfig):
+        add_config_options(t, section)
 
     e = sub.add_parser("eval", parents=[shared], help="evaluate a trained run on a split")
     e.add_argument("run", nargs="?", help="run folder (default: the most recent under runs/)")
@@ -1522,13 +1394,13 @@ def parser():
         else:
             x.add_argument("--perturb", action="store_true",
                            help="time the token-level perturbation tests instead, against one forward per removal")
-    figures = Parser(add_help=False)       # the modes that draw: --format is the figure type
+    figures = Parser(add_help=False)       # the modes that draw
     figures.add_argument("run", nargs="?", help="run folder (default: the most recent under runs/)")
     figures.add_argument("--data", help="dataset folder (default: the run's)")
     figures.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to compute")
     figures.add_argument("--skip-bad", action="store_true", help="skip bad samples with a warning when explaining")
     figures.add_argument("--split", choices=sa.SPLITS, default="test", help="split to draw or evaluate")
-    figures.add_argument("--format", dest="format", choices=("png", "pdf", "svg"), default="png", help="figure file type")
+    figures.add_argument("--figure-type", choices=("png", "pdf", "svg"), default="png", help="figure file type")
     pl = sub.add_parser("plot", parents=[figures],
                         help="draw the SignAttention figures from the extraction (made if missing)")
     pl.add_argument("--sample", type=INDEX, default=0, help="index of the sample in the extraction")

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from signattention import frame_lengths
+from signattention import frame_lengths, read_alignments
 
 
 def signcl_margin(num_frames, words):
@@ -26,6 +26,13 @@ def signcl_margin(num_frames, words):
     `(T // L + 1) * 2.3`; the paper writes T / L); the cap never goes below 1. The repository README's
     `min(20, max(10, ...))` is half of what the paper and every script use, and is not followed."""
     return min(2 * max(10, int(num_frames / max(words, 1) * 2.3)), max(1, (num_frames - 30) // 2))
+
+
+def batch_margins(src_mask, tgt_out, pad_id):
+    """signcl_margin of each sample of a batch: (B,) long, from its frames (up to its last real one) and its
+    words (its output tokens without EOS)."""
+    words = (tgt_out != pad_id).sum(1) - 1
+    return torch.tensor([signcl_margin(int(f), int(n)) for f, n in zip(frame_lengths(src_mask), words)])
 
 
 class SignCL(nn.Module):
@@ -132,6 +139,37 @@ def sdr(features, labels):
     if not len(ratios):
         return float("nan")
     return 100.0 * float(ratios.mean())
+
+
+def frame_labels(memory, gloss_logits, mask, record, dataset, alignments):
+    """SDR's labelled features for one sample: the encoder features (memory (T, C)) at the centre of each gloss
+    occurrence, with the gloss's id: from the true segments ({id: [(position, gloss, start, end)]} in original
+    frames) when alignments exist, else from the CTC Viterbi path of the reference glosses through the gloss
+    head's logits (T, V)."""
+    n = int(frame_lengths(mask[None]))
+    k = dataset.cfg.subsample
+    if alignments:
+        centres = [((a + b) // 2 // k, g) for _, g, a, b in alignments.get(record.id, [])]
+    else:
+        ids = dataset.gloss_vocab.encode(record.gloss)
+        path = ctc_viterbi(gloss_logits[:n].log_softmax(-1).cpu(), ids, blank=0)
+        centres, t = [], 0
+        while t < n:
+            end = t
+            while end + 1 < n and path[end + 1] == path[t]:
+                end += 1
+            if path[t] != 0:
+                centres.append(((t + end) // 2, dataset.gloss_vocab.itos[path[t]]))
+            t = end + 1
+    kept = [(c, g) for c, g in centres if c < n]
+    return [memory[c] for c, _ in kept], [dataset.gloss_vocab.stoi.get(g, 1) for _, g in kept]
+
+
+def sdr_segments(data_path, data_cfg, ctc_trained):
+    """Where SDR's frame labels come from: the gloss segments of alignments.csv where it exists, else {} (a
+    CTC Viterbi path of the gloss head) when the head was trained, else None (no SDR)."""
+    alignments = read_alignments(data_path) if data_cfg.format == "gsl" else {}
+    return alignments if alignments else ({} if ctc_trained else None)
 
 
 def ctc_viterbi(log_probs, target, blank=0):

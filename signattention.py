@@ -18,7 +18,7 @@ import os
 import pickle
 import shutil
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -184,12 +184,12 @@ def _gloss_lexicon(rng):
     order = rng.permutation(len(pairs))
     lexicon = {}
     for i, gloss in enumerate(SYNTHETIC_GLOSSES):
-        movement, location = pairs[order[i % len(pairs)]]
+        movement, location = pairs[order[i]]
         shape_a = rng.integers(len(HANDSHAPES))
         shape_b = (shape_a + 1 + rng.integers(len(HANDSHAPES) - 1)) % len(HANDSHAPES) if MOVEMENTS[movement] == "shape" \
             else (shape_a if rng.random() < 0.7 else rng.integers(len(HANDSHAPES)))
         lexicon[gloss] = dict(
-            movement=MOVEMENTS[movement], start=LOCATIONS[location] + rng.normal(0, 0.05, 2),
+            movement=MOVEMENTS[movement], location=int(location), start=LOCATIONS[location] + rng.normal(0, 0.05, 2),
             direction=rng.uniform(0, 2 * np.pi), size=rng.uniform(0.25, 0.5), turns=rng.choice([1, 2]),
             shapes=(int(shape_a), int(shape_b)), angles=rng.uniform(-1.0, 1.0, 2),
             two_handed=rng.random() < 0.35, mirror=rng.random() < 0.6,
@@ -256,7 +256,7 @@ def _blend(a, b, n):
     return (1 - w) * a + w * b
 
 
-def _render_hand(state, scale, side):
+def _render_hand(state, side):
     """21 MediaPipe hand points (n, 21, 3) from (n, 9) states, in shoulder-width units."""
     n = len(state)
     wrist = state[:, :3]
@@ -290,8 +290,8 @@ def _render(states, signer, rng):
     template = signer["body"]
     body[:] = template
     body[:, :, :2] += sway[:, None]
-    right = _render_hand(states[:, :9], 1, -1.0)
-    left = _render_hand(states[:, 9:], 1, 1.0)
+    right = _render_hand(states[:, :9], -1.0)
+    left = _render_hand(states[:, 9:], 1.0)
     for h, (wrist_id, shoulder_id, elbow_id, hand) in enumerate([(16, 12, 14, right), (15, 11, 13, left)]):
         shoulder = body[:, shoulder_id, :2]
         wrist = hand[:, 0, :2] + sway
@@ -380,7 +380,8 @@ def _perform(gloss, lexicon, signer, rng):
 
 
 def generate_synthetic_gsl(path, n_sentences=300, n_signers=7, reps=1, seed=0):
-    """Write the synthetic GSL (DATA.md section 4) to `path` in the GSL layout plus alignments.csv.
+    """Write the synthetic GSL to `path` in the GSL layout plus alignments.csv (the README's "The synthetic
+    GSL" says what it holds).
 
     Every signer signs every sentence `reps` times; the last signer is the test split, the one
     before it validation (signer-independent, like GSL SI). The folder appears atomically.
@@ -470,7 +471,8 @@ def select_keypoints(pose, keypoints="body+hands", coords=2):
 
 
 def read_gsl(folder, splits=SPLITS, keypoints="body+hands", coords=2, on_bad=None):
-    """Read the SignAttention/GSL layout (DATA.md section 1) -> list of Record.
+    """Read the SignAttention/GSL layout -> list of Record: annotations.csv (id,text,gloss,split) and
+    poses/<id>.npy MediaPipe Holistic arrays (frames, 1, 543, D), NaN where nothing was detected.
 
     on_bad(message) is called for a bad sample, which is then skipped; without it the first bad sample
     raises DataError. Problems with the annotations file itself always raise.
@@ -554,7 +556,9 @@ def _signjoey_files(data):
 
 
 def read_signjoey(data, splits=SPLITS, on_bad=None):
-    """Read signjoey / PHOENIX-2014-T feature pickles (DATA.md section 2) -> list of Record."""
+    """Read signjoey / PHOENIX-2014-T feature pickles -> list of Record: gzip pickles <prefix>.train, .dev,
+    .test, each a list of dicts with name, signer, gloss, text and sign (frames x features), read by a
+    restricted unpickler that admits tensors, arrays and plain containers only."""
     records = []
     for split, path in _signjoey_files(data).items():
         if split not in splits:
@@ -665,7 +669,7 @@ def gloss_links(pairs, threshold=0.6):
 
 
 def read_annotations(folder):
-    """(split, gloss list, text list) of every row of annotations.csv, without reading poses."""
+    """(id, split, gloss list, text list) of every row of annotations.csv, without reading poses."""
     rows = _read_csv(os.path.join(folder, "annotations.csv"), ("id", "text", "gloss", "split"))
     return [(r["id"], r["split"], (r["gloss"] or "").split(), (r["text"] or "").split()) for _, r in rows]
 
@@ -690,19 +694,25 @@ def normalise_pose(frames, keypoints):
     return frames
 
 
+def option(default, help, **limits):
+    """A configuration field that is also a command-line option of `python run.py train`: its help, and
+    `choices`, or for a number its range (low, high, open_low: low itself excluded)."""
+    return field(default=default, metadata=dict(help=help, **limits))
+
+
 @dataclass
 class DataConfig:
     """How records become model inputs (saved with the model, so eval and extract match training)."""
-    format: str = "gsl"
-    keypoints: str = "body+hands"
-    coords: int = 2
-    normalise: bool = True          # centre and scale by the shoulders
-    subsample: int = 2              # keep one frame per chunk of this many (random in training)
-    max_frames: int = 400           # after subsampling
-    max_tokens: int = 20            # output tokens before EOS
-    target: str = "text"            # what the decoder writes: text or gloss
-    augment: bool = True            # random rotation, scale and shift in training
-    mask_empty: bool = False        # also mask frames with nothing detected (every feature 0), as SignAttention
+    format: str = "gsl"             # the dataset layout (train's --format)
+    keypoints: str = option("body+hands", "MediaPipe keypoints used as features", choices=tuple(KEYPOINT_SETS))
+    coords: int = option(2, "coordinates per keypoint (x, y or x, y, z)", choices=(2, 3))
+    normalise: bool = option(True, "centre the keypoints on the shoulders and scale by the shoulder width")
+    subsample: int = option(2, "keep one frame per chunk of this many (a random one in training)", low=1)
+    max_frames: int = option(400, "frames kept per sample after subsampling", low=1)
+    max_tokens: int = option(20, "output tokens per sample before EOS", low=1)
+    target: str = option("text", "what the decoder writes", choices=("text", "gloss"))
+    augment: bool = option(True, "random rotation, scale and shift of the keypoints in training")
+    mask_empty: bool = option(False, "also mask frames with nothing detected (every feature 0), as SignAttention")
 
 
 def load_records(data, cfg, splits=SPLITS, on_bad=None):
@@ -811,20 +821,21 @@ def _augment(x, coords, generator):
 
 @dataclass
 class ModelConfig:
-    in_features: int = 150
-    n_gloss: int = 0                 # gloss vocabulary size (CTC head)
-    n_out: int = 0                   # decoder vocabulary size
-    d_model: int = 128
-    heads: int = 4
-    encoder_layers: int = 3
-    decoder_layers: int = 2
-    feedforward: int = 512
-    embed_hidden: int = 128          # hidden width of the per-frame embedder
-    dropout: float = 0.1
-    pos_dropout: float = 0.1
-    norm_first: bool = True          # pre-LayerNorm (False: post-LayerNorm, as SignAttention)
-    final_norm: bool = True          # a LayerNorm after the last encoder and decoder layer (nn.Transformer's)
-    init: str = "default"            # "default": PyTorch's layer defaults; "xavier": nn.Transformer's
+    in_features: int = 150           # features per frame (from the data)
+    n_gloss: int = 0                 # gloss vocabulary size (CTC head; from the data)
+    n_out: int = 0                   # decoder vocabulary size (from the data)
+    d_model: int = option(128, "transformer width", low=1)
+    heads: int = option(4, "attention heads (d_model must be a multiple)", low=1)
+    encoder_layers: int = option(3, "encoder depth", low=1)
+    decoder_layers: int = option(2, "decoder depth", low=1)
+    feedforward: int = option(512, "hidden width of each feed-forward block", low=1)
+    embed_hidden: int = option(128, "hidden width of the per-frame embedder", low=1)
+    dropout: float = option(0.1, "dropout in the transformer", low=0.0, high=0.99)
+    pos_dropout: float = option(0.1, "dropout after the positional encoding", low=0.0, high=0.99)
+    norm_first: bool = option(True, "pre-LayerNorm layers (--no-norm-first: post-LayerNorm, as SignAttention)")
+    final_norm: bool = option(True, "a LayerNorm after the last encoder and decoder layer (nn.Transformer's)")
+    init: str = option("default", "initialisation: PyTorch's layer defaults, or nn.Transformer's Xavier",
+                       choices=("default", "xavier"))
 
 
 class Attention(nn.Module):
@@ -1006,11 +1017,31 @@ class SignTranslator(nn.Module):
         return self.decode(self.encode(src, src_mask), src_mask, tgt_in)
 
 
+def training_loss(model, batch, label_smoothing=0.0, ctc_weight=0.0):
+    """The objective of a batch (SignDataset.batch): the decoder's teacher-forced cross-entropy with label
+    smoothing, plus ctc_weight x the CTC loss of the gloss head over each sample's frames (blank = PAD).
+    Returns the loss and the encoder's memory (B, T, C), to which an encoder loss such as SignCL adds."""
+    memory = model.encode(batch["src"], batch["src_mask"])
+    logits = model.decode(memory, batch["src_mask"], batch["tgt_in"])
+    loss = F.cross_entropy(logits.flatten(0, 1), batch["tgt_out"].flatten(), ignore_index=model.pad_id,
+                           label_smoothing=label_smoothing)
+    if ctc_weight > 0:
+        log_probs = model.gloss_logits(memory).log_softmax(-1).transpose(0, 1)          # (T, B, V)
+        loss = loss + ctc_weight * F.ctc_loss(log_probs, batch["gloss"], frame_lengths(batch["src_mask"]),
+                                              batch["gloss_lengths"], blank=model.pad_id, zero_infinity=True)
+    return loss, memory
+
+
 # ----------------------------------------------------------------------------------------------------
 # 3. Decoding
 # ----------------------------------------------------------------------------------------------------
 
-def _decodable(logits, model):
+def shift_right(tokens, bos_id):
+    """Decoder inputs for output tokens: (B, n) y_1..y_n -> BOS, y_1..y_{n-1} (teacher forcing)."""
+    return torch.cat([torch.full_like(tokens[:, :1], bos_id), tokens[:, :-1]], 1)
+
+
+def decodable(logits, model):
     """PAD and BOS are never written: their logits are set to -inf."""
     logits = logits.clone()
     logits[..., [model.pad_id, model.bos_id]] = float("-inf")
@@ -1025,7 +1056,7 @@ def greedy_decode(model, src, src_mask, max_len=30, memory=None):
     seq = torch.full((B, 1), model.bos_id, dtype=torch.long, device=src.device)
     done = torch.zeros(B, dtype=torch.bool, device=src.device)
     for _ in range(max_len):
-        token = _decodable(model.decode(memory, src_mask, seq)[:, -1], model).argmax(-1)
+        token = decodable(model.decode(memory, src_mask, seq)[:, -1], model).argmax(-1)
         token = token.masked_fill(done, model.pad_id)
         seq = torch.cat([seq, token[:, None]], 1)
         done |= token == model.eos_id
@@ -1056,7 +1087,7 @@ def beam_search(model, src, src_mask, beam=4, alpha=1.0, max_len=30, memory=None
         return ((5.0 + length) / 6.0) ** alpha
 
     for step in range(1, max_len + 1):
-        logp = _decodable(model.decode(memory, mask, seqs)[:, -1], model).log_softmax(-1)   # (B*K, V)
+        logp = decodable(model.decode(memory, mask, seqs)[:, -1], model).log_softmax(-1)   # (B*K, V)
         V = logp.shape[-1]
         cand = (scores[:, :, None] + logp.view(B, K, V)).view(B, K * V)
         top, idx = cand.topk(2 * K, dim=1)                                          # (B, 2K)
@@ -1102,7 +1133,7 @@ def ctc_decode(gloss_logits, src_mask, blank=0):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. Metrics (METHODS.md section Metrics)
+# 4. Metrics
 # ----------------------------------------------------------------------------------------------------
 
 def bleu(hypotheses, references):
@@ -1223,12 +1254,37 @@ def load_checkpoint(path, device="cpu"):
         raise DataError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})".splitlines()[0]) from None
 
 
+def build_model(config, records):
+    """A new model for a run configuration ({'data', 'model', ...}) and its records by split: the gloss and
+    text vocabularies of the training split, the model (its input and vocabulary sizes written into
+    config['model']), and a SignDataset per split. Returns (model, datasets, gloss_vocab, text_vocab)."""
+    data_cfg = DataConfig(**config["data"])
+    gloss_vocab = Vocabulary(w for r in records["train"] for w in r.gloss)
+    text_vocab = Vocabulary(w for r in records["train"] for w in r.text)
+    target_vocab = gloss_vocab if data_cfg.target == "gloss" else text_vocab
+    model_cfg = ModelConfig(**{**config["model"], "in_features": records["train"][0].frames.shape[1],
+                               "n_gloss": len(gloss_vocab), "n_out": len(target_vocab)})
+    config["model"] = asdict(model_cfg)
+    model = SignTranslator(model_cfg)
+    model.data_config = data_cfg
+    datasets = {s: SignDataset(r, data_cfg, gloss_vocab, text_vocab, train=(s == "train")) for s, r in records.items()}
+    return model, datasets, gloss_vocab, text_vocab
+
+
+def training_state(model, optimizer, config, gloss_vocab, text_vocab, epoch, history):
+    """A training checkpoint: tensors and plain data only (it loads with weights_only=True), the run's
+    configuration once; model_from_checkpoint reads it back."""
+    return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), config=config,
+                gloss_vocab=gloss_vocab.itos, text_vocab=text_vocab.itos, epoch=epoch, history=history)
+
+
 def model_from_checkpoint(state, device="cpu"):
-    config = dict(state["model_config"])
-    config.setdefault("final_norm", config.get("norm_first", True))   # older post-LN models had no final norms
-    model = SignTranslator(ModelConfig(**config))
+    """The eval-mode model of a training checkpoint, with its `data_config` (how frames were preprocessed)."""
+    model_config, data_config = dict(state["config"]["model"]), state["config"]["data"]
+    model_config.setdefault("final_norm", model_config.get("norm_first", True))   # older post-LN: no final norms
+    model = SignTranslator(ModelConfig(**model_config))
     model.load_state_dict(state["model"])
-    model.data_config = DataConfig(**state["data_config"])
+    model.data_config = DataConfig(**data_config)
     return model.to(device).eval()
 
 
