@@ -14,6 +14,7 @@ This is the only module that parses arguments, lays out run folders and prints p
 """
 import argparse
 import csv
+import functools
 import io
 import json
 import math
@@ -451,18 +452,19 @@ def extract(args):
     every requested method; one file per split, loadable with torch.load(weights_only=True)."""
     log = lambda msg: print(msg, flush=True)
     return write_extraction(open_run(args, log), args.split, method_list(args.methods), log, args.beam,
-                            args.batch_size, args.limit)
+                            args.batch_size, args.limit)[0]
 
 
 def write_extraction(opened, split, methods, log, beam=None, batch_size=16, limit=None):
-    """Extract the split (or its first `limit` samples) and write RUN/extract_<split>.pt; returns its path."""
+    """Extract the split (or its first `limit` samples) and write RUN/extract_<split>.pt; returns its path and
+    the extraction, so that a caller need not read back what it just wrote."""
     data = extract_samples(opened, split, methods, log, beam, batch_size, limit)
     data["samples"] = [s for s in data["samples"] if s is not None]
     path = os.path.join(data["meta"]["run"], f"extract_{split}.pt")
     sa.save_checkpoint(path, data)
     log("seconds per sample: " + ", ".join(f"{m} {t:.3f}" for m, t in data["meta"]["seconds_per_sample"].items()))
     log(f"wrote {path} ({len(data['samples'])} samples, {os.path.getsize(path) / 1e6:.1f} MB)")
-    return path
+    return path, data
 
 
 def extract_samples(opened, split, methods, log, beam=None, batch_size=16, limit=None, only=None):
@@ -607,7 +609,7 @@ def load_extract(args, log):
     elif args.all:
         log(f"{path} is missing: extracting the {args.split} split first")
         opened = open_run(args, log)
-        data = torch.load(write_extraction(opened, args.split, list(explain.METHODS), log), weights_only=True)
+        data = write_extraction(opened, args.split, list(explain.METHODS), log)[1]
     else:
         log(f"extracting {args.split} sample {args.sample} (`python run.py extract` keeps the whole split)")
         opened = open_run(args, log)
@@ -620,7 +622,9 @@ def run_config(run_dir):
         return json.load(f)
 
 
+@functools.lru_cache(maxsize=None)
 def pyplot():
+    """matplotlib's pyplot, headless, set up once for every figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
