@@ -707,7 +707,8 @@ def token_segments(sample, alignments, k, target, links):
 
 def global_numbers(data, alignments, links, correct_only):
     """The numbers behind the global figures, over the samples whose prediction equals the reference
-    (correct_only) or over all samples."""
+    (correct_only) or over all samples; 'diagonality' is each decoder layer's mean over the samples of two
+    tokens or more (NaN where there is none)."""
     meta = data["meta"]
     k = meta["data_config"]["subsample"]
     target = meta["target"]
@@ -739,6 +740,7 @@ def global_numbers(data, alignments, links, correct_only):
             if segments:
                 out["pointing"].setdefault(method, []).extend(pointing_game(rel, segments))
                 out["mass"].setdefault(method, []).extend(segment_mass(rel, segments))
+    out["diagonality"] = [float(np.nanmean(d)) if d else float("nan") for d in out["diagonality"]]
     return out
 
 
@@ -950,6 +952,23 @@ def sentence_scores(decoded, references, target):
     stats = [[[bleu_statistics(" ".join(target.decode(ids)), ref) for ids in row] for row in rows]
              for rows, ref in zip(decoded.tolist(), references)]
     return accuracy, torch.tensor(stats, dtype=torch.float64)
+
+
+def token_ids(samples, vocab, device="cpu"):
+    """(B, n) the extraction samples' explained tokens as ids, padded: what the perturbation tests score."""
+    out = torch.full((len(samples), max(len(s["tokens"]) for s in samples)), vocab.pad_id, dtype=torch.long)
+    for b, s in enumerate(samples):
+        out[b, :len(s["tokens"])] = torch.tensor([vocab.stoi[w] for w in s["tokens"]])
+    return out.to(device)
+
+
+def padded_relevance(samples, method, n, T, device="cpu"):
+    """(B, n, T) one method's relevance of the extraction samples, zero past each sample's tokens and frames."""
+    R = torch.zeros(len(samples), n, T)
+    for b, s in enumerate(samples):
+        rel = s["relevance"][method].float()
+        R[b, :rel.shape[0], :rel.shape[1]] = rel
+    return R.to(device)
 
 
 def plausibility(data, alignments, links, methods):

@@ -130,6 +130,10 @@ def read_data(path, data_cfg, splits, skip_bad, log):
     return by_split
 
 
+def log(message):
+    print(message, flush=True)
+
+
 def device_of(name):
     if name == "cuda" and not torch.cuda.is_available():
         raise sa.DataError("--device cuda: no CUDA device is available")
@@ -156,13 +160,17 @@ def lr_factor(step, steps_per_epoch, cfg):
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def write_text(path, text):
+    """Write a UTF-8 text file atomically: a reader sees the old file or the new one, never a part."""
+    sa.atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
 def write_json(path, obj):
-    sa.atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, ensure_ascii=False).encode()))
+    write_text(path, json.dumps(obj, indent=1, ensure_ascii=False))
 
 
 def write_metrics(path, history):
-    text = "".join(json.dumps(h, ensure_ascii=False) + "\n" for h in history)
-    sa.atomic_write(path, lambda f: f.write(text.encode()))
+    write_text(path, "".join(json.dumps(h, ensure_ascii=False) + "\n" for h in history))
 
 
 LOWER_IS_BETTER = ("wer", "ce")
@@ -222,7 +230,6 @@ def train_epoch(model, optimizer, dataset, train_cfg, epoch, steps_per_epoch, de
 
 
 def train(args):
-    log = lambda msg: print(msg, flush=True)
     device = device_of(args.device)
     run_dir, config, state = run_to_start(args, device, log)
     train_cfg = TrainConfig(**config["train"])
@@ -376,7 +383,7 @@ def write_translations(path, rows):
                                      "text_prediction"], lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    sa.atomic_write(path, lambda f: f.write(buffer.getvalue().encode("utf-8")))
+    write_text(path, buffer.getvalue())
 
 
 def results_table(results, target, beam):
@@ -392,7 +399,6 @@ def results_table(results, target, beam):
 
 
 def eval_mode(args):
-    log = lambda msg: print(msg, flush=True)
     run_dir, model, dataset, train_cfg, state, device = open_run(args, log, args.checkpoint)
     if args.beam is not None:
         train_cfg.beam = args.beam
@@ -450,7 +456,6 @@ def length_sorted_batches(dataset, batch_size, limit=None):
 def extract(args):
     """Decode a split and keep, per sample, every attention map, the CTC posteriors and the relevance of
     every requested method; one file per split, loadable with torch.load(weights_only=True)."""
-    log = lambda msg: print(msg, flush=True)
     return write_extraction(open_run(args, log), args.split, method_list(args.methods), log, args.beam,
                             args.batch_size, args.limit)[0]
 
@@ -504,7 +509,6 @@ def extract_samples(opened, split, methods, log, beam=None, batch_size=16, limit
 def bench(args):
     """Batched explanations against the per-token loop (each sample alone, one pass per token): seconds
     per sample side by side, the speed-up, and the largest difference between the two."""
-    log = lambda msg: print(msg, flush=True)
     run_dir, model, dataset, train_cfg, _, device = open_run(args, log)
     methods = method_list(args.methods)
     if args.perturb:
@@ -937,13 +941,9 @@ def figure_cross_attention_by_length(numbers, label, meta):
     return fig
 
 
-def diagonality_scores(numbers):
-    return [float(np.nanmean(d)) if d else float("nan") for d in numbers["diagonality"]]
-
-
 def figure_diagonality(numbers, label, meta):
     """Per decoder layer, the Spearman correlation of token position and cross-attention centroid."""
-    scores = diagonality_scores(numbers)
+    scores = numbers["diagonality"]
     fig, ax = pyplot().subplots(figsize=(4 + 0.6 * len(scores), 3.4), layout="constrained")
     ax.bar([f"layer {l + 1}" for l in range(len(scores))], scores, color="tab:green")
     for l, value in enumerate(scores):
@@ -1048,7 +1048,7 @@ def plot_all(run_dir, data, data_path, figure_type, log):
             except Skip:
                 continue
             written.append(save_figure(fig, os.path.join(run_dir, f"all_{view}_{name}.{figure_type}")))
-        scores = diagonality_scores(numbers)
+        scores = numbers["diagonality"]
         log(f"diagonality ({view}): " + ", ".join(f"layer {l + 1} {v:.3f}" for l, v in enumerate(scores)))
         if numbers["pointing"]:
             log(f"pointing game ({view}): "
@@ -1057,7 +1057,6 @@ def plot_all(run_dir, data, data_path, figure_type, log):
 
 
 def plot(args):
-    log = lambda msg: print(msg, flush=True)
     start = time.time()
     run_dir, data, data_path = load_extract(args, log)
     if args.all:
@@ -1130,7 +1129,6 @@ class Progress:
 def perturb(args):
     """Positive/negative perturbation AUC of each method with 95% bootstrap intervals, random as control,
     and the pointing game and relevance mass in the true segments where alignments exist."""
-    log = lambda msg: print(msg, flush=True)
     start = time.time()
     methods = method_list(args.methods)
     named = args.methods != "all"
@@ -1152,11 +1150,7 @@ def perturb(args):
         for m in methods:
             if not torch.isfinite(s["relevance"][m]).all():
                 raise sa.DataError(f"{run_dir}: the {m} relevance of sample {s['id']} holds NaN or infinite values")
-    n, T = max(len(s["tokens"]) for s in samples), src.shape[1]
-    out = torch.full((B, n), target.pad_id, dtype=torch.long)
-    for b, s in enumerate(samples):
-        out[b, :len(s["tokens"])] = torch.tensor([target.stoi[w] for w in s["tokens"]])
-    out = out.to(device)
+    out = explain.token_ids(samples, target, device)
     references = [" ".join(s[f"{meta['target']}_reference"]) for s in samples]
     seed = 0 if args.seed is None else args.seed
     progress = Progress(methods, args.level, log)
@@ -1164,17 +1158,14 @@ def perturb(args):
         f"{'the key mask' if args.perturb_mode == 'mask' else 'zeroing'}, fractions 0..0.9")
     curves, stats = {}, {}
     for method in methods:
-        R = torch.zeros(B, n, T)
-        for b, s in enumerate(samples):
-            rel = s["relevance"][method].float()
-            R[b, :rel.shape[0], :rel.shape[1]] = rel
+        R = explain.padded_relevance(samples, method, out.shape[1], src.shape[1], device)
         progress.begin(method)
         if args.level == "token":
-            scores = explain.token_perturbation(model, src, mask, out, R.to(device), mode=args.perturb_mode,
+            scores = explain.token_perturbation(model, src, mask, out, R, mode=args.perturb_mode,
                                                 seed=seed, progress=progress)
             curves[method] = scores.nanmean(1).double().cpu()                # (B, 2, P): mean over tokens
         else:
-            decoded = explain.sentence_perturbation(model, src, mask, R.to(device), out != target.pad_id,
+            decoded = explain.sentence_perturbation(model, src, mask, R, out != target.pad_id,
                                                     dataset.cfg.max_tokens + 1, mode=args.perturb_mode, seed=seed,
                                                     progress=progress)
             curves[method], stats[method] = explain.sentence_scores(decoded.cpu(), references, target)
@@ -1263,7 +1254,7 @@ def write_perturb(stem, rows, means, args, count, clean):
         buffer = io.StringIO()
         write(buffer)
         path = stem + suffix
-        sa.atomic_write(path, lambda f: f.write(buffer.getvalue().encode("utf-8")))
+        write_text(path, buffer.getvalue())
         written.append(path)
     return written
 
@@ -1384,7 +1375,12 @@ def parser():
     e.add_argument("--split", choices=sa.SPLITS, default="test", help="split to evaluate")
     e.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint")
     e.add_argument("--beam", type=COUNT, help="beam size (default: the run's)")
+    add_explanation_modes(sub, shared)
+    return p
 
+
+def add_explanation_modes(sub, shared):
+    """extract and bench (on the options every mode shares), plot and perturb (which draw)."""
     for name, helptext in (("extract", "decode a split and save attention, CTC posteriors and relevance"),
                            ("bench", "time batched explanations against the per-token loop")):
         x = sub.add_parser(name, parents=[shared], help=helptext)
@@ -1420,7 +1416,6 @@ def parser():
     pe.add_argument("--limit", type=COUNT, help="first K samples only (a quick table)")
     pe.add_argument("--bootstrap", type=Number(int, 10, 100000), default=1000, help="bootstrap resamples of the 95%% intervals")
     pe.add_argument("--seed", type=SEED, help="seed of the tie-breaking and the bootstrap (default 0)")
-    return p
 
 
 def main(argv=None):
