@@ -1,8 +1,9 @@
-"""Command line of the signattention package: train, eval (and, built on them, the explanation modes).
+"""Command line of the signattention package: poses, train, eval (and, built on them, the explanation modes).
 
+    python run.py poses PATH [--out data/NAME] [--annotations ann.csv] [--workers N] [--shard K/N]
     python run.py train                      # synthetic GSL, default model, about 4 minutes on 2 CPU cores
     python run.py train --preset signattention
-    python run.py train --data PATH [--format gsl|signjoey] [--signcl 0.01]
+    python run.py train --data PATH [--format gsl|pose|signjoey] [--signcl 0.01]
     python run.py train --resume runs/<name>
     python run.py eval runs/<name> [--split test]
     python run.py extract [RUN] [--methods all]   # attention maps, CTC posteriors and every relevance method
@@ -15,9 +16,11 @@ This is the only module that parses arguments, lays out run folders and prints p
 import argparse
 import csv
 import functools
+import importlib.util
 import io
 import json
 import math
+import multiprocessing
 import os
 import sys
 import time
@@ -144,6 +147,108 @@ def device_of(name):
 def to_device(batch, device):
     """A batch's tensors on the device."""
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Poses: real recordings into the SignAttention layout, with MediaPipe Holistic
+# ----------------------------------------------------------------------------------------------------
+
+def shard_of(clips, shard):
+    """Shard (k, n): every n-th clip of the id-sorted list from the k-th on, so the n shards are disjoint,
+    cover every clip once and mix long and short recordings alike on every machine."""
+    k, n = shard
+    return sorted(clips, key=lambda c: c.id)[k - 1::n]
+
+
+def poses(args):
+    """Convert a source folder into the dataset layout: metadata.json, poses/<id>.npy per clip (skipping clips
+    whose pose file is complete), failures.csv (id, file, reason; one per shard), and annotations.csv of the
+    clips converted so far (with shards: by all of them). Returns 1 when a clip could not be read."""
+    if args.model_complexity != 1:
+        raise sa.DataError(f"--model-complexity {args.model_complexity}: mediapipe 0.10.21 ships only the model of "
+                           "complexity 1 (0 and 2 would be downloaded, which this package never does)")
+    if importlib.util.find_spec("mediapipe") is None:
+        raise sa.DataError(f"python run.py poses needs MediaPipe, an optional install: {sa.POSES_INSTALL}")
+    source = args.source or sa.detect_source(args.path)
+    skipped = []
+
+    def on_bad(message):
+        skipped.append(message)
+        log(f"warning: skipping a bad annotation row: {message}")
+
+    clips = sa.import_clips(args.path, source, args.annotations, args.split_files, args.text_file, args.protocol,
+                            on_bad if args.skip_bad else None)
+    out = args.out or os.path.join("data", os.path.basename(os.path.normpath(args.path)))
+    os.makedirs(os.path.join(out, "poses"), exist_ok=True)
+    import mediapipe
+    write_json(os.path.join(out, "metadata.json"), dict(
+        name=os.path.basename(os.path.normpath(args.path)), source=source, source_path=os.path.abspath(args.path),
+        keypoints="MediaPipe Holistic: 33 pose, 468 face, 21 left hand, 21 right hand; x, y in image units, z "
+                  "as given; NaN where a part was not detected", mediapipe=mediapipe.__version__,
+        holistic=sa.HOLISTIC, fps={"gsl": 30, "phoenix": 25}.get(source)))
+    mine = shard_of(clips, args.shard)[:args.limit]
+    todo = [c for c in mine if not sa.pose_file_complete(os.path.join(out, "poses", c.id + ".npy"))]
+    log(f"{source} source {args.path}: {len(clips)} clips" + (f", shard {args.shard[0]}/{args.shard[1]}: "
+        f"{len(mine)}" if args.shard[1] > 1 else "") + f"; {len(mine) - len(todo)} already converted, "
+        f"{len(todo)} to convert with {min(args.workers, max(1, len(todo)))} worker(s) into {out}")
+    failures = convert_clips(todo, out, args.workers)
+    name = "failures.csv" if args.shard[1] == 1 else f"failures_{args.shard[0]}of{args.shard[1]}.csv"
+    write_text(os.path.join(out, name), csv_text([["id", "file", "reason"]] + failures))
+    listed = write_annotations(out, clips)
+    log(f"{out}/annotations.csv lists the {listed} of {len(clips)} clips converted so far"
+        + (f" ({len(skipped)} bad annotation rows skipped)" if skipped else ""))
+    if failures:
+        log(f"{len(failures)} of {len(todo)} clips failed: see {os.path.join(out, name)}")
+        return 1
+    return 0
+
+
+def write_annotations(out, clips):
+    """annotations.csv of the clips whose pose file is complete, in the source's order; written until it
+    lists what is on disk, so that of shards finishing together the last to write lists every clip."""
+    written = None
+    while True:
+        done = [c for c in clips if sa.pose_file_complete(os.path.join(out, "poses", c.id + ".npy"))]
+        if done == written:
+            return len(done)
+        write_text(os.path.join(out, "annotations.csv"), csv_text(
+            [["id", "text", "gloss", "split"]] + [[c.id, c.text, c.gloss, c.split] for c in done]))
+        written = done
+
+
+def convert_clips(clips, out, workers):
+    """Run sa.convert_clip over the clips, `workers` processes at a time, printing frames per second and the
+    time left; returns the failures as [id, file, reason] rows."""
+    failures, frames, start, printed = [], 0, time.time(), 0.0
+    pool = None
+    if workers > 1 and len(clips) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        pool = ProcessPoolExecutor(min(workers, len(clips)), mp_context=multiprocessing.get_context("spawn"))
+        results = pool.map(sa.convert_clip, clips, [out] * len(clips))
+    else:
+        results = (sa.convert_clip(c, out) for c in clips)
+    try:
+        for done, (sid, count, _, failure) in enumerate(results, 1):
+            frames += count
+            if failure:
+                file, _, reason = failure.partition(": ")
+                failures.append([sid, file, reason])
+                log(f"failed: {sid}: {failure}")
+            spent = time.time() - start
+            if done == len(clips) or time.time() - printed >= 10:
+                printed = time.time()
+                log(f"poses: {done}/{len(clips)} clips  {frames} frames  {frames / spent:.1f} frames/s  "
+                    f"ETA {format_time(spent / done * (len(clips) - done))}")
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return failures
+
+
+def csv_text(rows):
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    return buffer.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -456,8 +561,8 @@ def length_sorted_batches(dataset, batch_size, limit=None):
 def extract(args):
     """Decode a split and keep, per sample, every attention map, the CTC posteriors and the relevance of
     every requested method; one file per split, loadable with torch.load(weights_only=True)."""
-    return write_extraction(open_run(args, log), args.split, method_list(args.methods), log, args.beam,
-                            args.batch_size, args.limit)[0]
+    write_extraction(open_run(args, log), args.split, method_list(args.methods), log, args.beam, args.batch_size,
+                     args.limit)
 
 
 def write_extraction(opened, split, methods, log, beam=None, batch_size=16, limit=None):
@@ -694,10 +799,10 @@ class SampleView:
         s = self.sample = data["samples"][index]
         self.index, self.k = index, meta["data_config"]["subsample"]
         self.tokens, self.T, self.n = s["tokens"], s["frames"], len(s["tokens"])
-        gsl = meta["data_config"]["format"] == "gsl"
-        self.alignments = sorted(sa.read_alignments(data_path).get(s["id"], [])) if gsl else []
-        path = sa._safe_pose_path(data_path, s["id"]) if gsl else None
-        self.pose = np.load(path)[:, 0, :, :2] if path and os.path.exists(path) else None
+        layout = meta["data_config"]["format"]
+        self.alignments = sorted(sa.read_alignments(data_path).get(s["id"], [])) if layout != "signjoey" else []
+        path = sa.pose_path(data_path, s["id"], layout) if layout != "signjoey" else None
+        self.pose = sa.read_pose_array(path)[:, 0, :, :2] if path and os.path.exists(path) else None
         reference = " ".join(s[f"{meta['target']}_reference"])
         self.header = (f"{s['id']} ({meta['split']} sample {index})\nprediction: {wrap(' '.join(s['prediction']))}\n"
                        f"reference:  {wrap(reference)}")
@@ -912,7 +1017,7 @@ def animate_sample(plt, s, pose, cross, k, path):
 def segment_sources(data, data_path):
     """alignments.csv of the data (or {}) and, for text decoders, the word-gloss links of its training split."""
     meta = data["meta"]
-    alignments = sa.read_alignments(data_path) if meta["data_config"]["format"] == "gsl" else {}
+    alignments = sa.read_alignments(data_path) if meta["data_config"]["format"] != "signjoey" else {}
     links = None
     if alignments and meta["target"] == "text":
         links = sa.gloss_links([(g, t) for _, split, g, t in sa.read_annotations(data_path) if split == "train"])
@@ -1359,11 +1464,13 @@ def parser():
     shared.add_argument("--skip-bad", action="store_true", help="skip bad samples with a warning instead of stopping")
     shared.add_argument("--seed", type=SEED, help="random seed (default 0)")
 
+    add_poses_mode(sub)
     t = sub.add_parser("train", parents=[shared], help="train a model (default: synthetic GSL)")
     t.add_argument("--out", help="run folder (default: runs/<time>-<data>-<preset>)")
     t.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
-    t.add_argument("--format", choices=("gsl", "signjoey"), default="gsl",
-                   help="dataset layout of --data: the GSL folder layout, or signjoey feature pickles (see README)")
+    t.add_argument("--format", choices=("gsl", "pose", "signjoey"), default="gsl",
+                   help="dataset layout of --data: the GSL folder layout (poses/<id>.npy), the same with pose-format "
+                        ".pose files, or signjoey feature pickles (see README)")
     t.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="configuration to start from; the options below override it (their defaults are the "
                         "default preset's)")
@@ -1377,6 +1484,38 @@ def parser():
     e.add_argument("--beam", type=COUNT, help="beam size (default: the run's)")
     add_explanation_modes(sub, shared)
     return p
+
+
+def shard(text):
+    """--shard K/N -> (K, N), 1 <= K <= N."""
+    k, slash, n = text.partition("/")
+    if not (slash and k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not K/N with 1 <= K <= N (e.g. 2/8)")
+    return int(k), int(n)
+
+
+def add_poses_mode(sub):
+    po = sub.add_parser("poses", help="MediaPipe Holistic keypoints of real recordings, in the dataset layout train "
+                                      "reads (needs the optional requirements-poses.txt)")
+    po.add_argument("path", help="a GSL or PHOENIX-2014-T tree, a folder of videos, or a folder of frame folders")
+    po.add_argument("--out", help="dataset folder to write (default: data/<name of the source folder>)")
+    po.add_argument("--source", choices=("gsl", "phoenix", "videos", "frames"),
+                    help="what the folder holds (default: recognised from its files)")
+    po.add_argument("--annotations", metavar="FILE", help="videos and frame folders: a CSV with id,text,gloss,split "
+                    "(ids: the video file names without extension, or the frame folder names)")
+    po.add_argument("--split-files", nargs="+", default=(), metavar="FILE",
+                    help="GSL: the split files (default: gsl_split_<protocol>_train/dev/test.csv found under the folder)")
+    po.add_argument("--text-file", metavar="FILE", help="GSL: merged_continuous.csv (default: found under the folder)")
+    po.add_argument("--protocol", choices=("SI", "SD"), default="SI",
+                    help="GSL: signer-independent or signer-dependent split files")
+    po.add_argument("--workers", type=COUNT, default=os.cpu_count() or 1,
+                    help="clips converted in parallel, one process each (default: the cores)")
+    po.add_argument("--shard", type=shard, default=(1, 1), metavar="K/N",
+                    help="convert only the K-th of N disjoint shards of the clips (N jobs, e.g. a SLURM array)")
+    po.add_argument("--limit", type=COUNT, help="first K clips of the shard only")
+    po.add_argument("--model-complexity", type=int, choices=(0, 1, 2), default=1,
+                    help="MediaPipe Holistic's model; only 1 ships with mediapipe 0.10.21")
+    po.add_argument("--skip-bad", action="store_true", help="skip bad annotation rows with a warning instead of stopping")
 
 
 def add_explanation_modes(sub, shared):
@@ -1421,15 +1560,15 @@ def add_explanation_modes(sub, shared):
 def main(argv=None):
     args = parser().parse_args(argv)
     try:
-        {"train": train, "eval": eval_mode, "extract": extract, "bench": bench, "plot": plot,
-         "perturb": perturb}[args.mode](args)
+        status = {"poses": poses, "train": train, "eval": eval_mode, "extract": extract, "bench": bench,
+                  "plot": plot, "perturb": perturb}[args.mode](args)
     except sa.DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0                             # poses: 1 when a clip could not be read
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """SignAttention: sign language pose sequences -> glosses and text, with attention you can look at.
 
 Read top to bottom like a method section:
-  1. data      -- the synthetic GSL generator, the GSL and signjoey readers, vocabularies, batches
+  1. data      -- the synthetic GSL generator, the GSL, pose-format and signjoey readers, the importers and
+                  MediaPipe Holistic conversion of real recordings, vocabularies, batches
   2. model     -- frame embedder, sinusoidal positions, transformer encoder with a CTC gloss head,
                   autoregressive decoder; attention written out so every map can be kept with its gradient
   3. decoding  -- batched greedy and beam search, CTC greedy decoding
@@ -9,6 +10,7 @@ Read top to bottom like a method section:
   5. files     -- atomic checkpoints that load with torch.load(weights_only=True), load_model()
 This module is importable and quiet: argument parsing, run folders and progress live in run.py.
 """
+import contextlib
 import csv
 import gzip
 import io
@@ -16,7 +18,10 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
+import sys
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
@@ -455,13 +460,16 @@ def _read_csv(path, required):
     return rows
 
 
-def _safe_pose_path(folder, sample_id):
-    """poses/<id>.npy, refusing ids that would leave the dataset folder."""
-    poses = os.path.normpath(os.path.join(folder, "poses"))
-    path = os.path.normpath(os.path.join(poses, sample_id + ".npy"))     # lexical: linked files are fine
+def pose_path(folder, sample_id, format="gsl"):
+    """A sample's pose file: poses/<id>.npy (gsl), poses/<id>.pose or else <id>.pose (pose); None for an id
+    that would leave the dataset folder."""
     if (not sample_id or os.path.isabs(sample_id) or "/" in sample_id or "\\" in sample_id or "\0" in sample_id
-            or os.path.dirname(path) != poses):
+            or sample_id in (".", "..")):
         return None
+    suffix = ".pose" if format == "pose" else ".npy"
+    path = os.path.join(folder, "poses", sample_id + suffix)
+    if format == "pose" and not os.path.isfile(path) and os.path.isfile(os.path.join(folder, sample_id + suffix)):
+        path = os.path.join(folder, sample_id + suffix)
     return path
 
 
@@ -470,9 +478,10 @@ def select_keypoints(pose, keypoints="body+hands", coords=2):
     return pose[:, 0, KEYPOINT_SETS[keypoints], :coords].reshape(len(pose), -1).astype(np.float32)
 
 
-def read_gsl(folder, splits=SPLITS, keypoints="body+hands", coords=2, on_bad=None):
+def read_gsl(folder, splits=SPLITS, keypoints="body+hands", coords=2, on_bad=None, format="gsl"):
     """Read the SignAttention/GSL layout -> list of Record: annotations.csv (id,text,gloss,split) and
-    poses/<id>.npy MediaPipe Holistic arrays (frames, 1, 543, D), NaN where nothing was detected.
+    poses/<id>.npy MediaPipe Holistic arrays (frames, 1, 543, D), NaN where nothing was detected; with
+    format "pose", pose-format files poses/<id>.pose or <id>.pose instead (see read_pose_format).
 
     on_bad(message) is called for a bad sample, which is then skipped; without it the first bad sample
     raises DataError. Problems with the annotations file itself always raise.
@@ -487,13 +496,13 @@ def read_gsl(folder, splits=SPLITS, keypoints="body+hands", coords=2, on_bad=Non
                 raise DataError(f"{where}: unknown split {split!r} (expected one of {', '.join(SPLITS)})")
             if split not in splits:
                 continue
-            path = _safe_pose_path(folder, sid)
+            path = pose_path(folder, sid, format)
             if path is None:
-                raise DataError(f"{where}: id {sid!r} is not a plain file name inside {folder}/poses")
+                raise DataError(f"{where}: id {sid!r} is not a plain file name inside {folder}")
             gloss, text = (row["gloss"] or "").split(), (row["text"] or "").split()
             if not gloss or not text:
                 raise DataError(f"{where}: empty {'gloss' if not gloss else 'text'} for id {sid}")
-            frames = select_keypoints(_read_pose(path, coords), keypoints, coords)
+            frames = select_keypoints(read_pose_array(path, coords), keypoints, coords)
             if not np.isfinite(frames).any():
                 raise DataError(f"{path}: every selected keypoint is NaN (nothing was detected)")
             records.append(Record(sid, split, gloss, text, frames))
@@ -504,11 +513,14 @@ def read_gsl(folder, splits=SPLITS, keypoints="body+hands", coords=2, on_bad=Non
     return records
 
 
-def _read_pose(path, coords):
+def read_pose_array(path, coords=2):
+    """A pose file (.npy, or pose-format .pose) as a checked (frames, 1, 543, D) float array."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: pose file not found")
     try:
-        pose = np.load(path, allow_pickle=False)
+        pose = read_pose_format(path) if path.endswith(".pose") else np.load(path, allow_pickle=False)
+    except DataError:
+        raise
     except Exception as e:  # a truncated or foreign file: numpy raises several kinds
         raise DataError(f"{path}: unreadable pose file ({type(e).__name__}: {e})".splitlines()[0]) from None
     if pose.ndim != 4:
@@ -614,6 +626,324 @@ def read_alignments(folder):
     return segments
 
 
+# --- 1d. Real recordings: dataset importers, MediaPipe Holistic keypoints, .pose files ---------------
+
+# MediaPipe Holistic as `python run.py poses` runs it: a video in order with tracking, and the one model
+# complexity that mediapipe==0.10.21 ships inside its wheel (0 and 2 would download a model).
+HOLISTIC = dict(static_image_mode=False, model_complexity=1, smooth_landmarks=True, refine_face_landmarks=False,
+                min_detection_confidence=0.5, min_tracking_confidence=0.5)
+POSES_INSTALL = "pip install --no-deps -r requirements-poses.txt"
+VIDEO_TYPES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg", ".m4v", ".wmv")
+IMAGE_TYPES = (".jpg", ".jpeg", ".png", ".bmp")
+SPLIT_NAMES = {"train": "train", "dev": "val", "val": "val", "test": "test"}     # dev is our val
+
+
+@dataclass
+class Clip:
+    """One recording to convert: its id in the SignAttention layout, its video file or frame folder, and
+    its annotation (glosses and text as space-separated strings)."""
+    id: str
+    path: str
+    split: str
+    gloss: str
+    text: str
+
+
+def _walk(root):
+    """(folders, CSV files) under root, in sorted order (the frames themselves are not listed)."""
+    folders, files = [], []
+    for here, dirs, names in os.walk(root):
+        dirs.sort()
+        folders.append(here)
+        files += [os.path.join(here, n) for n in sorted(names) if n.lower().endswith(".csv")]
+    return folders, files
+
+
+def _one(paths, what, root, option):
+    """The single path of `paths`, or a one-line error saying there is none or several."""
+    if len(paths) != 1:
+        found = "none" if not paths else f"{len(paths)}: {', '.join(paths[:3])}"
+        raise DataError(f"{root}: expected one {what}, found {found} (name it with {option})")
+    return paths[0]
+
+
+def _pipe_rows(path, fields=None, header=()):
+    """(line number, fields) of a pipe-separated file: without `header`, rows of exactly `fields` fields;
+    with it, the first line names the columns (at least `header`) and rows are dicts."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            lines = [(n, line.rstrip("\r\n")) for n, line in enumerate(f, 1) if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: unreadable ({type(e).__name__}: {e})".splitlines()[0]) from None
+    columns = None
+    if header:
+        columns = [c.strip() for c in lines.pop(0)[1].split("|")] if lines else []
+        missing = [c for c in header if c not in columns]
+        if missing:
+            raise DataError(f"{path}: line 1: missing column(s) {', '.join(missing)} (expected {'|'.join(header)})")
+        fields = len(columns)
+    rows = []
+    for n, line in lines:
+        parts = [p.strip() for p in line.split("|")]
+        if len(parts) != fields:
+            raise DataError(f"{path}: line {n}: expected {fields} fields separated by |, found {len(parts)}")
+        rows.append((n, dict(zip(columns, parts)) if columns else parts))
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def _bad(message, on_bad):
+    if on_bad is None:
+        raise DataError(message)
+    on_bad(message)
+
+
+def _clip(where, sid, path, split, gloss, text, on_bad):
+    """A Clip, or None for a bad row after its one-line error went to on_bad (raised without it)."""
+    problem = (f"unknown split {split!r} (expected train, dev, val or test)" if split not in SPLIT_NAMES
+               else "empty gloss" if not gloss.split() else "empty text" if not text.split() else None)
+    if problem:
+        return _bad(f"{where}: {problem}", on_bad)
+    return Clip(sid, path, SPLIT_NAMES[split], " ".join(gloss.split()), " ".join(text.split()))
+
+
+def import_gsl(root, split_files=(), text_file=None, protocol="SI", on_bad=None):
+    """Clips of a raw GSL tree: the split files (`path|glosses`, no header: gsl_split_SI_train/dev/test.csv,
+    or the signer-dependent GSL_SD_* with protocol SD) joined with the Greek text of merged_continuous.csv
+    (`path|text|glosses`, its path without the scenario folder). Files not given are searched anywhere under
+    root. Ids are the frame-folder path with / replaced by _; dev becomes val."""
+    pattern = re.compile(rf"^(?:gsl_split_)?(?:gsl_)?{protocol}_(train|dev|val|test)\.csv$", re.IGNORECASE)
+    folders, files = _walk(root)
+    split_files = split_files or [f for f in files if pattern.match(os.path.basename(f))]
+    if not split_files:
+        raise DataError(f"{root}: no GSL split files (gsl_split_{protocol}_train.csv, ...) under it "
+                        "(name them with --split-files)")
+    text_file = text_file or _one([f for f in files if os.path.basename(f) == "merged_continuous.csv"],
+                                  "merged_continuous.csv (the Greek text)", root, "--text-file")
+    texts = {path: text for _, (path, text, _) in _pipe_rows(text_file, 3)}
+    clips = []
+    for split_file in split_files:
+        match = re.search(r"(train|dev|val|test)", os.path.basename(split_file), re.IGNORECASE)
+        if not match:
+            raise DataError(f"{split_file}: the file name does not say its split (train, dev or test)")
+        rows = _pipe_rows(split_file, 2)
+        first = rows[0][1][0]
+        base = next((d for d in folders if os.path.isdir(os.path.join(d, first))), root)
+        for n, (path, gloss) in rows:
+            text = texts.get(path.split("/", 1)[-1], texts.get(path))
+            if text is None:
+                _bad(f"{split_file}: line {n}: no text for {path} in {text_file}", on_bad)
+                continue
+            clip = _clip(f"{split_file}: line {n}", path.strip("/").replace("/", "_"), os.path.join(base, path),
+                         match.group(1).lower(), gloss, text, on_bad)
+            clips += [clip] if clip else []
+    return clips
+
+
+def import_phoenix(root, on_bad=None):
+    """Clips of a raw PHOENIX-2014-T tree: annotations/manual/PHOENIX-2014-T.<split>.corpus.csv
+    (`name|video|start|end|speaker|orth|translation`) and the frames of
+    features/fullFrame-210x260px/<split>/<name>/, found anywhere under root; ids are the names."""
+    corpus = [f for f in _walk(root)[1] if re.fullmatch(r"PHOENIX-2014-T\.(train|dev|test)\.corpus\.csv",
+                                                         os.path.basename(f))]
+    if not corpus:
+        raise DataError(f"{root}: no PHOENIX-2014-T.<split>.corpus.csv under it")
+    clips = []
+    for path in corpus:
+        split = os.path.basename(path).split(".")[1]
+        release = os.path.dirname(os.path.dirname(os.path.dirname(path)))          # .../annotations/manual/
+        frames = os.path.join(release, "features", "fullFrame-210x260px", split)
+        for n, row in _pipe_rows(path, header=("name", "video", "orth", "translation")):
+            clip = _clip(f"{path}: line {n}", row["name"], os.path.join(frames, row["name"]), split, row["orth"],
+                         row["translation"], on_bad)
+            clips += [clip] if clip else []
+    return clips
+
+
+def import_folder(root, annotations, on_bad=None):
+    """Clips of a folder of videos or of frame folders, annotated by a CSV with id,text,gloss,split whose ids
+    are the video file names without their extension, or the frame folder names."""
+    found = {}
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        stem, ext = os.path.splitext(name)
+        if os.path.isfile(path) and ext.lower() in VIDEO_TYPES:
+            found.setdefault(stem, path)
+        elif os.path.isdir(path):
+            found.setdefault(name, path)
+    clips = []
+    for line, row in _read_csv(annotations, ("id", "text", "gloss", "split")):
+        sid = (row["id"] or "").strip()
+        if sid not in found:
+            _bad(f"{annotations}: line {line}: no video or frame folder named {sid!r} in {root}", on_bad)
+            continue
+        clip = _clip(f"{annotations}: line {line}", sid, found[sid], (row["split"] or "").strip(),
+                     row["gloss"] or "", row["text"] or "", on_bad)
+        clips += [clip] if clip else []
+    return clips
+
+
+def detect_source(root):
+    """What a source folder holds: "gsl" (GSL split files or merged_continuous.csv under it), "phoenix" (a
+    PHOENIX-2014-T corpus file under it), else "videos" or "frames" (frame folders) at its top level."""
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: no such folder")
+    names = [os.path.basename(f) for f in _walk(root)[1]]
+    if any(re.match(r"(?i)^(gsl_split_|gsl_)?s[id]_(train|dev|test)\.csv$", n) or n == "merged_continuous.csv"
+           for n in names):
+        return "gsl"
+    if any(re.fullmatch(r"PHOENIX-2014-T\.(train|dev|test)\.corpus\.csv", n) for n in names):
+        return "phoenix"
+    top = os.listdir(root)
+    if any(os.path.splitext(n)[1].lower() in VIDEO_TYPES for n in top):
+        return "videos"
+    if any(os.path.isdir(os.path.join(root, n)) for n in top):
+        return "frames"
+    raise DataError(f"{root}: neither a GSL or PHOENIX-2014-T tree nor a folder of videos or frame folders")
+
+
+def import_clips(root, source, annotations=None, split_files=(), text_file=None, protocol="SI", on_bad=None):
+    """The clips of a source folder of the given kind (see detect_source), each with its annotation."""
+    if source in ("videos", "frames") and not annotations:
+        raise DataError(f"{root}: a folder of {source} needs --annotations FILE (a CSV with id,text,gloss,split)")
+    clips = (import_gsl(root, split_files, text_file, protocol, on_bad) if source == "gsl" else
+             import_phoenix(root, on_bad) if source == "phoenix" else import_folder(root, annotations, on_bad))
+    seen = set()
+    for clip in clips:
+        if clip.id in seen:
+            raise DataError(f"{root}: the id {clip.id} is annotated twice")
+        seen.add(clip.id)
+    return clips
+
+
+def read_frames(path):
+    """The RGB frames (H, W, 3) uint8 of a video file, in order, or of a frame folder, in sorted file-name
+    order. A file that cannot be decoded (a corrupt video, a truncated image) raises DataError naming it."""
+    if os.path.isdir(path):
+        from PIL import Image                                      # matplotlib's dependency: always here
+        names = sorted(n for n in os.listdir(path) if os.path.splitext(n)[1].lower() in IMAGE_TYPES)
+        if not names:
+            raise DataError(f"{path}: zero frames (no {', '.join(IMAGE_TYPES)} files)")
+        for name in names:
+            try:
+                with Image.open(os.path.join(path, name)) as image:      # a truncated file raises in load()
+                    image.load()
+                    frame = np.asarray(image.convert("RGB"))
+            except Exception as e:
+                raise DataError(f"{os.path.join(path, name)}: unreadable image ({e})".splitlines()[0]) from None
+            yield frame
+        return
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such video file or frame folder")
+    import cv2
+    video, count = cv2.VideoCapture(path), 0
+    try:
+        if not video.isOpened():
+            raise DataError(f"{path}: unreadable video")
+        while True:
+            ok, frame = video.read()
+            if not ok:
+                break
+            count += 1
+            yield cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+    finally:
+        video.release()
+    if not count:
+        raise DataError(f"{path}: zero frames (unreadable video)")
+
+
+def holistic_keypoints(frames, holistic):
+    """(F, 1, 543, 3) float32 keypoints of a frame sequence from a MediaPipe Holistic solution: 33 pose,
+    468 face (a refined face's 10 iris points dropped), 21 left and 21 right hand points (the signer's
+    left and right); x and y normalised to the image width and height, z as MediaPipe gives it; NaN for
+    every point of a part that was not detected."""
+    out = []
+    for frame in frames:
+        result = holistic.process(frame)
+        points = np.full((N_KEYPOINTS, 3), np.nan, np.float32)
+        for part, ids in ((result.pose_landmarks, BODY), (result.face_landmarks, FACE),
+                          (result.left_hand_landmarks, LEFT_HAND), (result.right_hand_landmarks, RIGHT_HAND)):
+            if part is not None:
+                points[ids] = [(p.x, p.y, p.z) for p in part.landmark[:len(ids)]]
+        out.append(points)
+    return np.stack(out)[:, None]
+
+
+def pose_file_complete(path):
+    """Whether a converted pose file exists and holds a readable (frames, 1, 543, 3) array."""
+    try:
+        pose = np.load(path, mmap_mode="r", allow_pickle=False)
+        return pose.ndim == 4 and pose.shape[0] > 0 and pose.shape[1:] == (1, N_KEYPOINTS, 3)
+    except Exception:
+        return False
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence the process's standard error (file descriptor 2, which C++ libraries write to) for a while."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def convert_clip(clip, out):
+    """Run MediaPipe Holistic over one clip and write out/poses/<id>.npy atomically. Returns (id, frames,
+    seconds, None), or (id, 0, seconds, reason) when the clip cannot be read; a fresh tracker per clip."""
+    start = time.time()
+    try:
+        with _quiet_stderr():                 # MediaPipe's and FFmpeg's own log lines; failures are returned
+            import mediapipe as mp
+            with mp.solutions.holistic.Holistic(**HOLISTIC) as holistic:
+                pose = holistic_keypoints(read_frames(clip.path), holistic)
+    except DataError as e:
+        return clip.id, 0, time.time() - start, str(e)
+    atomic_write(os.path.join(out, "poses", clip.id + ".npy"), lambda f: np.save(f, pose))
+    return clip.id, len(pose), time.time() - start, None
+
+
+POSE_FORMAT_PARTS = (("POSE_LANDMARKS", BODY), ("FACE_LANDMARKS", FACE), ("LEFT_HAND_LANDMARKS", LEFT_HAND),
+                     ("RIGHT_HAND_LANDMARKS", RIGHT_HAND))
+
+
+def read_pose_format(path):
+    """A pose-format `.pose` file of MediaPipe Holistic components -> (frames, 1, 543, 3) float32 in our order:
+    the first person; POSE_LANDMARKS, FACE_LANDMARKS (cut to 468), LEFT_ and RIGHT_HAND_LANDMARKS; x and y
+    (pixels) divided by the header's width and height, z as stored (NaN without one); masked points NaN."""
+    try:
+        from pose_format import Pose
+    except ImportError:
+        raise DataError(f"{path}: reading .pose files needs pose-format ({POSES_INSTALL})") from None
+    try:
+        with open(path, "rb") as f:
+            pose = Pose.read(f.read())
+    except Exception as e:
+        raise DataError(f"{path}: unreadable .pose file ({type(e).__name__}: {e})".splitlines()[0]) from None
+    header, data = pose.header, pose.body.data                         # data: masked (frames, people, points, dims)
+    offsets, start = {}, 0
+    for component in header.components:
+        offsets[component.name], start = (start, len(component.points)), start + len(component.points)
+    missing = [name for name, _ in POSE_FORMAT_PARTS if name not in offsets]
+    if missing or data.shape[0] == 0:
+        raise DataError(f"{path}: " + (f"no {', '.join(missing)} component (not a MediaPipe Holistic pose)"
+                                       if missing else "zero frames"))
+    out = np.full((data.shape[0], 1, N_KEYPOINTS, 3), np.nan, np.float32)
+    scale = np.array([header.dimensions.width, header.dimensions.height, 1.0][:min(3, data.shape[-1])])
+    for name, ids in POSE_FORMAT_PARTS:
+        first, count = offsets[name]
+        n = min(count, len(ids))
+        part = np.ma.filled(data[:, 0, first:first + n, :3].astype(np.float32), np.nan) / scale
+        part[np.asarray(pose.body.confidence)[:, 0, first:first + n] <= 0] = np.nan      # not detected
+        out[:, 0, ids[:n], :part.shape[-1]] = part
+    return out
+
+
 # --- 1c. Vocabularies, preprocessing and batches -------------------------------------------------
 
 class Vocabulary:
@@ -703,7 +1033,7 @@ def option(default, help, **limits):
 @dataclass
 class DataConfig:
     """How records become model inputs (saved with the model, so eval and extract match training)."""
-    format: str = "gsl"             # the dataset layout (train's --format)
+    format: str = "gsl"             # the dataset layout (train's --format: gsl, pose or signjoey)
     keypoints: str = option("body+hands", "MediaPipe keypoints used as features", choices=tuple(KEYPOINT_SETS))
     coords: int = option(2, "coordinates per keypoint (x, y or x, y, z)", choices=(2, 3))
     normalise: bool = option(True, "centre the keypoints on the shoulders and scale by the shoulder width")
@@ -719,7 +1049,7 @@ def load_records(data, cfg, splits=SPLITS, on_bad=None):
     if cfg.format == "signjoey":
         records = read_signjoey(data, splits, on_bad)
     else:
-        records = read_gsl(data, splits, cfg.keypoints, cfg.coords, on_bad)
+        records = read_gsl(data, splits, cfg.keypoints, cfg.coords, on_bad, cfg.format)
         if cfg.normalise:
             for r in records:
                 normalise_pose(r.frames, cfg.keypoints)

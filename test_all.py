@@ -223,6 +223,7 @@ OUT_OF_RANGE = {
     "extract": {"--seed": ["-1"], "--batch-size": ["0"], "--limit": ["0"], "--beam": ["0"]},
     "bench": {"--seed": ["-1"], "--batch-size": ["0"], "--limit": ["-5"]},
     "plot": {"--sample": ["-1"]},
+    "poses": {"--workers": ["0"], "--limit": ["0", "-1"]},
     "perturb": {"--seed": ["-1"], "--limit": ["0"], "--bootstrap": ["5", "100001"]},
 }
 
@@ -304,6 +305,315 @@ def test_signjoey_pickle_cannot_run_code(tmp_path):
         os.chdir(cwd)
     assert "refused" in str(e.value) and "system" in str(e.value) and "s.train" in str(e.value)
     assert not os.path.exists(tmp_path / "pwned")
+
+
+# ----------------------------------------------------------------------------------------------------
+# poses: real recordings through MediaPipe Holistic (the optional requirements-poses.txt)
+# ----------------------------------------------------------------------------------------------------
+
+import importlib.util
+
+POSES_MISSING = next((f"{m} is not installed ({sa.POSES_INSTALL})" for m in ("mediapipe", "cv2", "pose_format", "skimage")
+                      if importlib.util.find_spec(m) is None), None)
+needs_poses = pytest.mark.skipif(POSES_MISSING is not None, reason=POSES_MISSING or "")
+
+
+def astronaut():
+    """scikit-image's astronaut (a public-domain photograph, 512 x 512), RGB, read from the installed package
+    without importing it: an upper body whose pose and face MediaPipe finds, and no hands."""
+    from PIL import Image
+    folder = importlib.util.find_spec("skimage").submodule_search_locations[0]
+    return np.asarray(Image.open(os.path.join(folder, "data", "astronaut.png")).convert("RGB"))
+
+
+def write_frames(folder, frames, suffix=".jpg"):
+    from PIL import Image
+    os.makedirs(folder)
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame).save(os.path.join(folder, f"frame_{i:04d}{suffix}"), quality=95)
+
+
+def write_video(path, frames, fps=25):
+    """A lossless video (FFV1), so that its frames are the frame folder's pixels."""
+    import cv2
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"FFV1"), fps, frames[0].shape[1::-1])
+    assert writer.isOpened()
+    for frame in frames:
+        writer.write(np.ascontiguousarray(frame[:, :, ::-1]))
+    writer.release()
+
+
+def shifted(image, dx, dy):
+    """The photograph moved by (dx, dy) pixels on a grey canvas of the same size."""
+    out = np.full_like(image, 128)
+    h, w = image.shape[:2]
+    out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = image[max(-dy, 0):h - max(dy, 0),
+                                                                       max(-dx, 0):w - max(dx, 0)]
+    return out
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory):
+    """A folder of recordings converted by `python run.py poses` as three shards (2 workers each): the
+    photograph as a 4-frame video and as a folder of PNG frames, four folders of 3 shifted JPEG frames, a
+    corrupt video and a frame folder with a truncated JPEG. Returns (cwd, source, out, the shard runs)."""
+    cwd = tmp_path_factory.mktemp("poses")
+    src, image = cwd / "recordings", astronaut()
+    os.makedirs(src)
+    write_video(str(src / "astronaut_video.mkv"), [image] * 4)
+    write_frames(str(src / "astronaut"), [image] * 4, ".png")
+    for k, (dx, dy) in enumerate([(-40, 10), (30, -20), (20, 25), (-25, -10)]):
+        write_frames(str(src / f"shifted{k}"), [shifted(image, dx + 3 * i, dy) for i in range(3)])
+    (src / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(4000))
+    write_frames(str(src / "truncated"), [image] * 2)
+    jpeg = src / "truncated" / "frame_0001.jpg"
+    jpeg.write_bytes(jpeg.read_bytes()[:-3000])
+    rows = [("astronaut", "η αστροναύτης", "ΑΣΤΡΟΝΑΥΤΗΣ", "train"), ("shifted0", "γεια σας", "ΓΕΙΑ", "train"),
+            ("shifted1", "ευχαριστώ πολύ", "ΕΥΧΑΡΙΣΤΩ", "train"), ("astronaut_video", "x", "X", "train"),
+            ("shifted2", "γεια σας", "ΓΕΙΑ", "dev"), ("shifted3", "ευχαριστώ πολύ", "ΕΥΧΑΡΙΣΤΩ", "test"),
+            ("corrupt", "γεια σας", "ΓΕΙΑ", "test"), ("truncated", "γεια σας", "ΓΕΙΑ", "test")]
+    with open(cwd / "annotations.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([("id", "text", "gloss", "split")] + rows)
+    shards = [run(["poses", "recordings", "--annotations", "annotations.csv", "--out", "out", "--workers", "2",
+                   "--shard", f"{k}/3"], str(cwd)) for k in (1, 2, 3)]
+    return cwd, src, cwd / "out", shards
+
+
+@needs_poses
+def test_poses_keypoints_are_mediapipe_holistic_in_our_order(converted):
+    """Shape (frames, 1, 543, 3); the nose and the shoulders where they are on the photograph; pose and face
+    found and both hands NaN (the photograph shows none); the video and the frame folder of the same pixels
+    give the same keypoints."""
+    cwd, src, out, _ = converted
+    frames, video = np.load(out / "poses" / "astronaut.npy"), np.load(out / "poses" / "astronaut_video.npy")
+    assert frames.shape == video.shape == (4, 1, 543, 3) and frames.dtype == np.float32
+    for pose in (frames, video):
+        p = pose[:, 0] * np.array([512, 512, 1])                         # pixels
+        assert np.isnan(p[:, sa.LEFT_HAND + sa.RIGHT_HAND]).all()
+        assert np.isfinite(p[:, sa.BODY]).all() and np.isfinite(p[:, sa.FACE]).all()
+        nose, left, right = p[:, 0, :2], p[:, sa.L_SHOULDER, :2], p[:, sa.R_SHOULDER, :2]
+        assert ((nose > [200, 105]) & (nose < [250, 150])).all()           # the tip of her nose: about (224, 127)
+        assert ((left > [270, 215]) & (left < [345, 290])).all()           # her left shoulder is the image's right
+        assert ((right > [75, 200]) & (right < [150, 275])).all()
+        face = p[:, sa.FACE, :2]
+        assert ((face > [160, 40]) & (face < [290, 200])).all()             # the whole face mesh on her face
+    assert (np.isnan(frames) == np.isnan(video)).all()
+    np.testing.assert_allclose(frames, video, atol=1e-4)                    # the same pixels, in the same order
+
+
+@needs_poses
+def test_poses_shards_failures_and_a_second_run(converted):
+    """The three shards are disjoint and cover every clip; the corrupt video and the truncated JPEG land in
+    the failures (id, file, reason) while the others convert, with a non-zero exit; a second run converts
+    nothing again."""
+    cwd, src, out, shards = converted
+    ids = {"astronaut", "astronaut_video", "shifted0", "shifted1", "shifted2", "shifted3", "corrupt", "truncated"}
+    taken = []
+    for k, result in enumerate(shards, 1):
+        assert "Traceback" not in result.stderr and "W0000" not in result.stderr, result.stderr
+        assert "0 already converted" in result.stdout, result.stdout       # no shard redoes another's clip
+        with open(out / f"failures_{k}of3.csv", encoding="utf-8") as f:
+            failed = list(csv.DictReader(f))
+        assert result.returncode == (1 if failed else 0), (result.stdout, result.stderr)
+        taken.append(failed)
+    failures = {r["id"]: r for rows in taken for r in rows}
+    assert set(failures) == {"corrupt", "truncated"}
+    assert failures["corrupt"]["file"].endswith("corrupt.mp4") and "video" in failures["corrupt"]["reason"]
+    assert failures["truncated"]["file"].endswith("frame_0001.jpg") and "truncated" in failures["truncated"]["reason"]
+    converted_ids = {f[:-4] for f in os.listdir(out / "poses") if f.endswith(".npy")}
+    assert converted_ids == ids - set(failures)
+    counts = [int(r.stdout.split("shard ")[1].split(": ")[1].split(";")[0]) for r in shards]
+    assert sum(counts) == len(ids) and all(counts)                         # each clip in exactly one shard
+    with open(out / "annotations.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["id"] for r in rows} == converted_ids and {r["split"] for r in rows} == {"train", "val", "test"}
+    assert next(r for r in rows if r["id"] == "astronaut")["text"] == "η αστροναύτης"
+    metadata = json.loads((out / "metadata.json").read_text(encoding="utf-8"))
+    assert metadata["mediapipe"] == "0.10.21" and metadata["holistic"]["model_complexity"] == 1
+    assert metadata["holistic"]["static_image_mode"] is False and metadata["source"] == "videos"
+    stamps = {f: os.stat(out / "poses" / f).st_mtime_ns for f in os.listdir(out / "poses")}
+    again = run(["poses", "recordings", "--annotations", "annotations.csv", "--out", "out", "--workers", "2"],
+                str(cwd))
+    assert again.returncode == 1 and "6 already converted, 2 to convert" in again.stdout, again.stdout
+    assert {f: os.stat(out / "poses" / f).st_mtime_ns for f in os.listdir(out / "poses")} == stamps
+
+
+@needs_poses
+def test_poses_resumes_after_kill_9(converted, tmp_path):
+    """A conversion killed with SIGKILL leaves only complete pose files, and the next run converts the rest."""
+    cwd, src, _, _ = converted
+    args = RUN + ["poses", str(src), "--annotations", str(cwd / "annotations.csv"), "--out", "out", "--workers", "1"]
+    process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    poses, deadline = tmp_path / "out" / "poses", time.time() + 120
+    while time.time() < deadline and not (poses.exists() and any(f.endswith(".npy") for f in os.listdir(poses))):
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    before = sorted(f for f in os.listdir(poses) if f.endswith(".npy"))
+    assert 1 <= len(before) < 6, before                               # killed part-way
+    assert all(sa.pose_file_complete(str(poses / f)) for f in before)
+    again = run(args[2:], str(tmp_path))
+    assert f"{len(before)} already converted, {8 - len(before)} to convert" in again.stdout, again.stdout
+    assert sorted(f for f in os.listdir(poses) if f.endswith(".npy")) == sorted(
+        f"{i}.npy" for i in ("astronaut", "astronaut_video", "shifted0", "shifted1", "shifted2", "shifted3"))
+
+
+@needs_poses
+def test_converted_recordings_train_extract_and_plot(converted, tmp_path):
+    """The converted folder is a dataset like any other: train one epoch, extract two samples, plot one."""
+    cwd, _, out, _ = converted
+    steps = [["train", "--data", str(out), "--epochs", "1", "--out", "r"] + TINY_MODEL,
+             ["extract", "r", "--limit", "2"], ["plot", "r", "--sample", "0"]]
+    results = [run(args, str(tmp_path)) for args in steps]
+    for args, result in zip(steps, results):
+        assert result.returncode == 0, (args, result.stderr[-2000:])
+    assert "6 samples (train 4, val 1, test 1)" in results[0].stdout    # not the corrupt nor the truncated clip
+    assert os.path.exists(tmp_path / "r" / "extract_test.pt")
+    assert os.path.getsize(tmp_path / "r" / "sample0_skeleton.png") > 10000
+
+
+@needs_poses
+def test_pose_format_files_load_equal_to_the_npy(converted, tmp_path):
+    """A .pose file written with pose-format (pixels, masked where not detected, a 478-point refined face,
+    a world-landmark component) loads equal to the converter's .npy, and `--format pose` reads a folder of
+    them."""
+    from pose_format import Pose
+    from pose_format.numpy.pose_body import NumPyPoseBody
+    from pose_format.pose_header import PoseHeader, PoseHeaderComponent, PoseHeaderDimensions
+    _, _, out, _ = converted
+    parts = [("POSE_LANDMARKS", 33), ("FACE_LANDMARKS", 478), ("LEFT_HAND_LANDMARKS", 21),
+             ("RIGHT_HAND_LANDMARKS", 21), ("POSE_WORLD_LANDMARKS", 33)]
+    header = PoseHeader(0.1, PoseHeaderDimensions(width=512, height=384, depth=1000),
+                        [PoseHeaderComponent(name, [str(i) for i in range(n)], [], [(255, 0, 0)], "XYZC")
+                         for name, n in parts])
+    os.makedirs(tmp_path / "poses")
+    rows = [("id", "text", "gloss", "split")]
+    for sid, split in (("astronaut", "train"), ("shifted2", "val"), ("shifted3", "test")):
+        ours = np.load(out / "poses" / f"{sid}.npy")[:, 0]                            # (F, 543, 3)
+        face = np.concatenate([ours[:, sa.FACE], np.full((len(ours), 10, 3), 0.5, np.float32)], 1)   # + iris
+        data = np.concatenate([ours[:, sa.BODY], face, ours[:, sa.LEFT_HAND], ours[:, sa.RIGHT_HAND],
+                               ours[:, sa.BODY] * 0.1], 1) * np.array([512, 384, 1], np.float32)
+        found = np.isfinite(data).all(-1)
+        masked = np.ma.masked_array(np.nan_to_num(data)[:, None], mask=~np.repeat(found[:, None, :, None], 3, -1))
+        pose = Pose(header, NumPyPoseBody(25, masked, found[:, None].astype(np.float32)))
+        with open(tmp_path / "poses" / f"{sid}.pose", "wb") as f:
+            pose.write(f)
+        loaded = sa.read_pose_array(str(tmp_path / "poses" / f"{sid}.pose"))
+        assert loaded.shape == ours[:, None].shape
+        assert (np.isnan(loaded) == np.isnan(ours[:, None])).all()
+        np.testing.assert_allclose(loaded, ours[:, None], rtol=1e-5, atol=1e-6)
+        rows.append((sid, "γεια σας", "ΓΕΙΑ", split))
+    with open(tmp_path / "annotations.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows(rows)
+    pose_records = sa.load_records(str(tmp_path), sa.DataConfig(format="pose"))
+    npy_records = {r.id: r for r in sa.load_records(str(out), sa.DataConfig())}
+    for r in pose_records:
+        np.testing.assert_allclose(r.frames, npy_records[r.id].frames, rtol=1e-4, atol=1e-5)
+
+
+def gsl_tree(root, image):
+    """A raw GSL copy in miniature: frame folders, split files in one folder, the Greek text in another."""
+    paths = {"police1/police1_signer1_rep1_sentences/sentences0000": ("ΓΕΙΑ ΕΓΩ(1) ΜΠΟΡΩ ΒΟΗΘΩ", "train"),
+             "health2/health2_signer3_rep1_sentences/sentences0011": ("ΜΩΡΟ  ΓΕΝΝΩ ΝΩΡΙΣ", "dev"),
+             "kep4/kep4_signer3_rep3_sentences/sentences0011": ("ΕΓΩ(1) ΠΟΥ;", "test")}
+    texts = {"ΓΕΙΑ ΕΓΩ(1) ΜΠΟΡΩ ΒΟΗΘΩ": "γεια σας πώς μπορώ να βοηθήσω", "ΜΩΡΟ  ΓΕΝΝΩ ΝΩΡΙΣ": "το μωρό γεννήθηκε πρόωρα",
+             "ΕΓΩ(1) ΠΟΥ;": "πού είμαι"}
+    for path in paths:
+        write_frames(os.path.join(root, "GSL_continuous", path), [image])
+    os.makedirs(os.path.join(root, "GSL_split"))
+    os.makedirs(os.path.join(root, "supplementary"))
+    for split in ("train", "dev", "test"):
+        with open(os.path.join(root, "GSL_split", f"gsl_split_SI_{split}.csv"), "w", encoding="utf-8") as f:
+            f.writelines(f"{p}|{g}\n" for p, (g, s) in paths.items() if s == split)
+    with open(os.path.join(root, "supplementary", "merged_continuous.csv"), "w", encoding="utf-8") as f:
+        f.writelines(f"{p.split('/', 1)[1]}|{texts[g]}|{g}\n" for p, (g, _) in paths.items())
+    return paths, texts
+
+
+def phoenix_tree(root, image):
+    release = os.path.join(root, "PHOENIX-2014-T-release-v3", "PHOENIX-2014-T")
+    os.makedirs(os.path.join(release, "annotations", "manual"))
+    rows = {"train": ("01April_2010_Thursday_heute-6694", "REGEN SCHNEE", "regen und schnee ."),
+            "dev": ("11August_2010_Wednesday_tagesschau-1", "JETZT WETTER", "und nun die wettervorhersage ."),
+            "test": ("25October_2010_Monday_tagesschau-17", "MORGEN SONNE", "morgen scheint die sonne .")}
+    for split, (name, orth, translation) in rows.items():
+        with open(os.path.join(release, "annotations", "manual", f"PHOENIX-2014-T.{split}.corpus.csv"), "w",
+                  encoding="utf-8") as f:
+            f.write(f"name|video|start|end|speaker|orth|translation\n{name}|{name}/1/*.png|-1|-1|Signer08|{orth}|"
+                    f"{translation}\n")
+        folder = os.path.join(release, "features", "fullFrame-210x260px", split, name)
+        os.makedirs(folder)
+        from PIL import Image
+        Image.fromarray(image).resize((210, 260)).save(os.path.join(folder, "images0001.png"))
+    return rows
+
+
+@needs_poses
+def test_poses_imports_gsl_and_phoenix_trees(tmp_path):
+    """The GSL importer joins split files and the Greek text found anywhere under the root (ids: the path
+    with / as _, dev as val, glosses as they are); the PHOENIX-2014-T importer reads the corpus files."""
+    image = astronaut()
+    paths, texts = gsl_tree(tmp_path / "GSL", image)
+    rows = phoenix_tree(tmp_path / "PHX", image)
+    for source, out in (("GSL", "gsl"), ("PHX", "phx")):
+        result = run(["poses", source, "--out", out, "--workers", "1"], str(tmp_path))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert len(os.listdir(tmp_path / out / "poses")) == 3
+    with open(tmp_path / "gsl" / "annotations.csv", encoding="utf-8") as f:
+        gsl = {r["id"]: r for r in csv.DictReader(f)}
+    assert gsl == {p.replace("/", "_"): dict(id=p.replace("/", "_"), text=texts[g], gloss=" ".join(g.split()),
+                                            split=sa.SPLIT_NAMES[s]) for p, (g, s) in paths.items()}
+    assert json.loads((tmp_path / "gsl" / "metadata.json").read_text(encoding="utf-8"))["source"] == "gsl"
+    with open(tmp_path / "phx" / "annotations.csv", encoding="utf-8") as f:
+        phx = {r["id"]: r for r in csv.DictReader(f)}
+    assert phx == {name: dict(id=name, text=text, gloss=orth, split=sa.SPLIT_NAMES[split])
+                   for split, (name, orth, text) in rows.items()}
+    records = sa.load_records(str(tmp_path / "gsl"), sa.DataConfig())
+    assert sorted(r.split for r in records) == ["test", "train", "val"]
+
+
+def test_poses_bad_sources_get_one_line_errors(tmp_path, monkeypatch, capsys):
+    """Bad split files, a missing text, a PHOENIX file without its columns, an annotation naming no clip, an
+    unknown split: one line naming the file and line; --skip-bad goes on without the row. Without MediaPipe,
+    or with a model complexity that would download its model, the command says so in one line."""
+    image = np.zeros((8, 8, 3), np.uint8)
+    paths, _ = gsl_tree(tmp_path / "GSL", image)
+    split = tmp_path / "GSL" / "GSL_split" / "gsl_split_SI_dev.csv"
+    split.write_text(split.read_text(encoding="utf-8") + "kep1/kep1_signer1_rep1_sentences/sentences0001|Α|Β\n",
+                     encoding="utf-8")
+    with pytest.raises(sa.DataError, match=r"gsl_split_SI_dev.csv: line 2: expected 2 fields separated by \|, "
+                                           r"found 3$"):
+        sa.import_gsl(str(tmp_path / "GSL"))
+    split.write_text(split.read_text(encoding="utf-8").replace("|Α|Β", "|ΓΕΙΑ"), encoding="utf-8")
+    with pytest.raises(sa.DataError, match=r"gsl_split_SI_dev.csv: line 2: no text for kep1/kep1_signer1_rep1_"
+                                           r"sentences/sentences0001 in .*merged_continuous.csv$"):
+        sa.import_gsl(str(tmp_path / "GSL"))
+    skipped = []
+    assert len(sa.import_gsl(str(tmp_path / "GSL"), on_bad=skipped.append)) == 3 and len(skipped) == 1
+    phoenix_tree(tmp_path / "PHX", image)
+    corpus = next(p for p in (tmp_path / "PHX").rglob("*.dev.corpus.csv"))
+    corpus.write_text("name|video|speaker|orth\nx|x|Signer01|A\n", encoding="utf-8")
+    with pytest.raises(sa.DataError, match=r"dev.corpus.csv: line 1: missing column\(s\) translation"):
+        sa.import_phoenix(str(tmp_path / "PHX"))
+    folder = tmp_path / "videos"
+    write_frames(str(folder / "a"), [image])
+    (tmp_path / "ann.csv").write_text("id,text,gloss,split\na,α,Α,train\nb,β,Β,train\n", encoding="utf-8")
+    with pytest.raises(sa.DataError, match=r"ann.csv: line 3: no video or frame folder named 'b' in .*videos$"):
+        sa.import_folder(str(folder), str(tmp_path / "ann.csv"))
+    (tmp_path / "ann.csv").write_text("id,text,gloss,split\na,α,Α,holdout\n", encoding="utf-8")
+    with pytest.raises(sa.DataError, match=r"ann.csv: line 2: unknown split 'holdout'"):
+        sa.import_folder(str(folder), str(tmp_path / "ann.csv"))
+    assert sa.detect_source(str(tmp_path / "GSL")) == "gsl" and sa.detect_source(str(folder)) == "frames"
+    import run as cli
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["poses", "videos", "--model-complexity", "2"]) == 2
+    assert err_line(capsys).startswith("error: --model-complexity 2: mediapipe 0.10.21 ships only")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mediapipe" else real(name, *a))
+    assert cli.main(["poses", "videos", "--annotations", "ann.csv"]) == 2
+    assert err_line(capsys) == ("error: python run.py poses needs MediaPipe, an optional install: "
+                                "pip install --no-deps -r requirements-poses.txt")
+    assert not os.path.exists(tmp_path / "data")
 
 
 # ----------------------------------------------------------------------------------------------------
