@@ -9,11 +9,13 @@
     python run.py extract [RUN] [--methods all]   # attention maps, CTC posteriors and every relevance method
     python run.py bench [RUN] [--limit 20]        # batched explanations vs the per-token loop
     python run.py plot [RUN] --sample N | --all   # the SignAttention figures
+    python run.py view [RUN] [--limit K]          # one offline HTML file: samples, signer, every method
     python run.py perturb [RUN] [--level token|sentence] [--perturb-mode mask|zero] [--limit K]
 
 This is the only module that parses arguments, lays out run folders and prints progress.
 """
 import argparse
+import base64
 import csv
 import functools
 import importlib.util
@@ -24,6 +26,7 @@ import multiprocessing
 import os
 import sys
 import time
+import zlib
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
@@ -167,7 +170,7 @@ def poses(args):
     if args.model_complexity != 1:
         raise sa.DataError(f"--model-complexity {args.model_complexity}: mediapipe 0.10.21 ships only the model of "
                            "complexity 1 (0 and 2 would be downloaded, which this package never does)")
-    if importlib.util.find_spec("mediapipe") is None:
+    if importlib.util.find_spec("mediapipe") is None:            # an optional install
         raise sa.DataError(f"python run.py poses needs MediaPipe, an optional install: {sa.POSES_INSTALL}")
     source = args.source or sa.detect_source(args.path)
     skipped = []
@@ -179,12 +182,16 @@ def poses(args):
     clips = sa.import_clips(args.path, source, args.annotations, args.split_files, args.text_file, args.protocol,
                             on_bad if args.skip_bad else None)
     out = args.out or os.path.join("data", os.path.basename(os.path.normpath(args.path)))
+    version = sa.mediapipe_version()
     os.makedirs(os.path.join(out, "poses"), exist_ok=True)
-    import mediapipe
+    for name in os.listdir(os.path.join(out, "poses")):        # a kill mid-write: a file lives milliseconds
+        stale = os.path.join(out, "poses", name)
+        if ".npy.tmp" in name and time.time() - os.path.getmtime(stale) > 600:
+            os.remove(stale)
     write_json(os.path.join(out, "metadata.json"), dict(
         name=os.path.basename(os.path.normpath(args.path)), source=source, source_path=os.path.abspath(args.path),
         keypoints="MediaPipe Holistic: 33 pose, 468 face, 21 left hand, 21 right hand; x, y in image units, z "
-                  "as given; NaN where a part was not detected", mediapipe=mediapipe.__version__,
+                  "as given; NaN where a part was not detected", mediapipe=version,
         holistic=sa.HOLISTIC, fps={"gsl": 30, "phoenix": 25}.get(source)))
     mine = shard_of(clips, args.shard)[:args.limit]
     todo = [c for c in mine if not sa.pose_file_complete(os.path.join(out, "poses", c.id + ".npy"))]
@@ -219,30 +226,49 @@ def write_annotations(out, clips):
 def convert_clips(clips, out, workers):
     """Run sa.convert_clip over the clips, `workers` processes at a time, printing frames per second and the
     time left; returns the failures as [id, file, reason] rows."""
-    failures, frames, start, printed = [], 0, time.time(), 0.0
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+    failures, frames, start, printed, done = [], 0, time.time(), 0.0, 0
     pool = None
     if workers > 1 and len(clips) > 1:
-        from concurrent.futures import ProcessPoolExecutor
-        pool = ProcessPoolExecutor(min(workers, len(clips)), mp_context=multiprocessing.get_context("spawn"))
+        pool = ProcessPoolExecutor(min(workers, len(clips)), mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=worker_init, initargs=(os.getpid(),))
         results = pool.map(sa.convert_clip, clips, [out] * len(clips))
     else:
         results = (sa.convert_clip(c, out) for c in clips)
     try:
-        for done, (sid, count, _, failure) in enumerate(results, 1):
-            frames += count
+        for sid, count, failure in results:
+            done, frames = done + 1, frames + count
             if failure:
-                file, _, reason = failure.partition(": ")
-                failures.append([sid, file, reason])
-                log(f"failed: {sid}: {failure}")
+                failures.append([sid, *failure])
+                log(f"failed: {sid}: {failure[0]}: {failure[1]}")
             spent = time.time() - start
             if done == len(clips) or time.time() - printed >= 10:
                 printed = time.time()
                 log(f"poses: {done}/{len(clips)} clips  {frames} frames  {frames / spent:.1f} frames/s  "
                     f"ETA {format_time(spent / done * (len(clips) - done))}")
+    except BrokenProcessPool:                                  # a worker died (out of memory, say)
+        failures += [[c.id, c.path, "its worker process died"] for c in clips[done:]]
+        log(f"a worker process died: {len(clips) - done} clips not converted (a re-run retries them)")
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     return failures
+
+
+def worker_init(parent):
+    """In each worker: Ctrl-C is the parent's to handle, and the worker ends when the parent is gone (killed
+    with -9, say) instead of converting on for nobody."""
+    import signal
+    import threading
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def csv_text(rows):
@@ -708,17 +734,18 @@ HAND_EDGES = [(0, 1), (1, 2), (2, 3), (3, 4), (0, 5), (5, 6), (6, 7), (7, 8), (5
 BODY_EDGES = [(11, 12), (11, 13), (13, 15), (12, 14), (14, 16), (11, 23), (12, 24), (23, 24), (9, 10), (7, 8)]
 
 
-def load_extract(args, log):
-    """The run's extraction of the split. Where it is missing, --all makes and saves it first; one sample
-    is extracted alone, in memory."""
+def load_extract(args, log, whole):
+    """The run's extraction of the split. Where it is missing, a `whole` split (its first --limit samples
+    where the mode has that option) is extracted and saved first; otherwise sample --sample is extracted
+    alone, in memory."""
     run_dir = args.run or latest_run()
     path = os.path.join(run_dir, f"extract_{args.split}.pt")
     if os.path.exists(path):
         data = torch.load(path, weights_only=True)
-    elif args.all:
+    elif whole:
         log(f"{path} is missing: extracting the {args.split} split first")
         opened = open_run(args, log)
-        data = write_extraction(opened, args.split, list(explain.METHODS), log)[1]
+        data = write_extraction(opened, args.split, list(explain.METHODS), log, limit=getattr(args, "limit", None))[1]
     else:
         log(f"extracting {args.split} sample {args.sample} (`python run.py extract` keeps the whole split)")
         opened = open_run(args, log)
@@ -1163,7 +1190,7 @@ def plot_all(run_dir, data, data_path, figure_type, log):
 
 def plot(args):
     start = time.time()
-    run_dir, data, data_path = load_extract(args, log)
+    run_dir, data, data_path = load_extract(args, log, args.all)
     if args.all:
         written = plot_all(run_dir, data, data_path, args.figure_type, log)
     else:
@@ -1171,6 +1198,129 @@ def plot(args):
     for path in written:
         log(path)
     log(f"{len(written)} figures in {time.time() - start:.1f}s")
+
+
+# The viewer: view.html filled with one extraction, a single file that works offline
+
+VIEW_POINTS = sa.BODY[:25] + sa.LEFT_HAND + sa.RIGHT_HAND + [sa.FACE[i] for i in sa.FACE_OVAL]   # what it draws
+
+
+class Packed:
+    """Arrays for the viewer in one byte string: add() keeps an array (little-endian, at an offset that is a
+    multiple of 4) and returns [offset, type, shape], from which the page makes a typed array."""
+    TYPES = {np.dtype("float32"): "f4", np.dtype("uint8"): "u1", np.dtype("uint16"): "u2"}
+
+    def __init__(self):
+        self.parts, self.size = [], 0
+
+    def add(self, array):
+        array = np.ascontiguousarray(array)
+        entry = [self.size, self.TYPES[array.dtype], list(array.shape)]
+        raw = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+        self.parts.append(raw + b"\0" * (-len(raw) % 4))
+        self.size += len(self.parts[-1])
+        return entry
+
+    def encoded(self):
+        """zlib-deflated (what the browser's DecompressionStream("deflate") reads) and base64."""
+        return base64.b64encode(zlib.compress(b"".join(self.parts), 9)).decode("ascii")
+
+
+POSE_LEVELS = 4095                     # codes 0..4094 over a sample's extent (a 300-pixel signer: 0.07 px steps)
+
+
+def pose_codes(points):
+    """(F, P, 2) coordinates -> (codes, lo, hi): uint16 codes 0..4094 over the sample's extent, 4095 where a
+    point was not detected, then each frame's codes minus the previous frame's (modulo 2**16), which
+    deflate packs far tighter (the page adds them back up)."""
+    lo, hi = np.nanmin(points, (0, 1)), np.nanmax(points, (0, 1))
+    codes = np.round((points - lo) / np.maximum(hi - lo, 1e-12) * (POSE_LEVELS - 1))
+    codes = np.where(np.isnan(codes), POSE_LEVELS, codes).astype(np.int64)
+    return (np.diff(codes, axis=0, prepend=0) % 65536).astype(np.uint16), lo, hi
+
+
+def view_sample(s, meta, data_path, alignments, packed):
+    """What the page shows of one extracted sample; its arrays go into `packed`."""
+    target, k, layout = meta["target"], meta["data_config"]["subsample"], meta["data_config"]["format"]
+    reference = s[f"{target}_reference"]
+    entry = dict(id=s["id"], tokens=s["tokens"], prediction=s["prediction"], reference=reference,
+                 gloss_reference=s["gloss_reference"], exact=s["prediction"] == reference, frames=s["frames"],
+                 subsample=k, pose=None, segments=[[g, a, b] for _, g, a, b in sorted(alignments.get(s["id"], []))])
+    path = sa.pose_path(data_path, s["id"], layout) if layout != "signjoey" else None
+    if path and os.path.exists(path):
+        points = sa.read_pose_array(path)[:, 0, VIEW_POINTS, :2]
+        if np.isfinite(points).any():
+            codes, lo, hi = pose_codes(points)
+            entry["pose"] = dict(array=packed.add(codes), lo=lo.tolist(), hi=hi.tolist())
+    arrays = {f"rel:{m}": packed.add(s["relevance"][m].float().numpy()) for m in meta["methods"]}
+    arrays["cross"] = packed.add(s["attention"]["decoder_cross"].float().mean(1).numpy())           # (L, n, T)
+    video, tokens = s["branch_norms"]["video"].float(), s["branch_norms"]["tokens"].float()
+    arrays["share"] = packed.add((video / (video + tokens).clamp(min=1e-12)).numpy())               # (L, n)
+    if meta["ctc_trained"]:
+        posteriors, vocab = s["gloss_posteriors"].float(), meta["gloss_vocab"]                      # (T, V)
+        keep = {i for i in range(4, len(vocab)) if posteriors[:, i].max() >= 0.1}
+        keep |= {vocab.index(g) for g in s["gloss_reference"] if g in vocab}
+        keep = sorted(keep, key=lambda i: int(posteriors[:, i].argmax()))                # in order of their peaks
+        arrays["ctc"] = packed.add(np.round(posteriors[:, keep].numpy() * 255).astype(np.uint8))
+        entry["ctc_glosses"] = [vocab[i] for i in keep]
+    entry["arrays"] = arrays
+    return entry
+
+
+def perturb_tables(run_dir, split):
+    """The perturb tables of the split in the run folder (CSV and curves), as the page shows them."""
+    tables = []
+    for name in sorted(os.listdir(run_dir)):
+        if not (name.startswith(f"perturb_{split}_") and name.endswith(".csv")) or name.endswith("_curves.csv"):
+            continue
+        with open(os.path.join(run_dir, name), encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        columns = [c for c in rows[0] if f"{c}_low" in rows[0]] if rows else []
+        table = dict(title=name[:-4].replace("_", " "), columns=columns, curves=None, top=1.0, rows=[
+            dict(method=r["method"], beats_random=r["beats_random"], **{c: [float(r[c]), float(r[f"{c}_low"]),
+                 float(r[f"{c}_high"])] for c in columns if r[c] != "nan"}) for r in rows])
+        curves_path = os.path.join(run_dir, name[:-4] + "_curves.csv")
+        if os.path.exists(curves_path):
+            table["curves"] = {}
+            with open(curves_path, encoding="utf-8") as f:
+                for r in csv.DictReader(f):
+                    table["curves"].setdefault(r["method"], {}).setdefault(r["direction"], []).append(float(r["score"]))
+        tables.append(table)
+    return tables
+
+
+def view(args):
+    """RUN/view_<split>.html: view.html with the extraction's samples (the first --limit), the gloss segments
+    and pose files of the data, the pointing game and the run's perturb tables."""
+    start = time.time()
+    run_dir, data, data_path = load_extract(args, log, True)
+    meta, samples = data["meta"], data["samples"][:args.limit]
+    alignments, links = segment_sources(data, data_path)
+    packed = Packed()
+    entries = [view_sample(s, meta, data_path, alignments, packed) for s in samples]
+    plausible = explain.plausibility(dict(meta=meta, samples=samples), alignments, links, meta["methods"])
+    pointing = None
+    if plausible and len(plausible["sample"]):
+        pointing = dict(occurrences=len(plausible["sample"]), methods={
+            m: [100 * float(plausible[m][0].mean()), 100 * float(plausible[m][1].mean())] for m in meta["methods"]})
+    fps = None
+    if os.path.exists(os.path.join(data_path, "metadata.json")):
+        with open(os.path.join(data_path, "metadata.json"), encoding="utf-8") as f:
+            fps = json.load(f).get("fps")
+    page = dict(meta=dict(
+        title=f"{run_dir}: {meta['split']} split, {len(samples)} samples, checkpoint of epoch {meta['epoch']}",
+        methods=meta["methods"], signed=[m for m in meta["methods"] if m in explain.SIGNED], fps=fps or 25,
+        pose_levels=POSE_LEVELS,
+        points=dict(body=[0, 25], left=[25, 21], right=[46, 21], face=[67, len(sa.FACE_OVAL)]),
+        perturb=perturb_tables(run_dir, meta["split"]), pointing=pointing), samples=entries)
+    text = json.dumps(page, ensure_ascii=False).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "view.html"), encoding="utf-8") as f:
+        template = f.read()
+    path = os.path.join(run_dir, f"view_{meta['split']}.html")
+    write_text(path, template.replace("__VIEW_BLOB__", packed.encoded()).replace("__VIEW_DATA__", text))
+    log(f"{len(samples)} samples, {os.path.getsize(path) / 1e6:.1f} MB, in {time.time() - start:.1f}s; open it in "
+        "any browser, offline:")
+    log(path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1508,7 +1658,8 @@ def add_poses_mode(sub):
     po.add_argument("--text-file", metavar="FILE", help="GSL: merged_continuous.csv (default: found under the folder)")
     po.add_argument("--protocol", choices=("SI", "SD"), default="SI",
                     help="GSL: signer-independent or signer-dependent split files")
-    po.add_argument("--workers", type=COUNT, default=os.cpu_count() or 1,
+    po.add_argument("--workers", type=COUNT, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                    else os.cpu_count() or 1,
                     help="clips converted in parallel, one process each (default: the cores)")
     po.add_argument("--shard", type=shard, default=(1, 1), metavar="K/N",
                     help="convert only the K-th of N disjoint shards of the clips (N jobs, e.g. a SLURM array)")
@@ -1539,6 +1690,9 @@ def add_explanation_modes(sub, shared):
     figures.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to compute")
     figures.add_argument("--skip-bad", action="store_true", help="skip bad samples with a warning when explaining")
     figures.add_argument("--split", choices=sa.SPLITS, default="test", help="split to draw or evaluate")
+    vi = sub.add_parser("view", parents=[figures], help="one HTML file to explore every sample, token and method "
+                                                        "(from the extraction, made if missing)")
+    vi.add_argument("--limit", type=COUNT, help="first K samples only")
     figures.add_argument("--figure-type", choices=("png", "pdf", "svg"), default="png", help="figure file type")
     pl = sub.add_parser("plot", parents=[figures],
                         help="draw the SignAttention figures from the extraction (made if missing)")
@@ -1561,7 +1715,7 @@ def main(argv=None):
     args = parser().parse_args(argv)
     try:
         status = {"poses": poses, "train": train, "eval": eval_mode, "extract": extract, "bench": bench,
-                  "plot": plot, "perturb": perturb}[args.mode](args)
+                  "plot": plot, "view": view, "perturb": perturb}[args.mode](args)
     except sa.DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

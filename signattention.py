@@ -21,7 +21,6 @@ import pickle
 import re
 import shutil
 import sys
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
@@ -42,6 +41,10 @@ RIGHT_HAND = list(range(522, 543))
 KEYPOINT_SETS = {"body+hands": BODY + LEFT_HAND + RIGHT_HAND, "hands": LEFT_HAND + RIGHT_HAND,
                  "all": list(range(N_KEYPOINTS))}
 L_SHOULDER, R_SHOULDER = 11, 12
+# The face outline in MediaPipe's face mesh (FACEMESH_FACE_OVAL as one closed path), from the forehead
+# clockwise on the image; the viewer draws it
+FACE_OVAL = [10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377, 152, 148,
+             176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109]
 SPLITS = ("train", "val", "test")
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 
@@ -331,8 +334,10 @@ def _signer(k, rng):
     body[:, :2] *= rng.uniform(0.92, 1.08, 2)                          # the signer's build
     angle = rng.uniform(0, 2 * np.pi, 468)
     radius = np.sqrt(rng.uniform(0, 1, 468))
-    face = np.stack([0.3 * radius * np.cos(angle), -0.85 + 0.4 * radius * np.sin(angle),
-                     -0.1 * (1 - radius)], 1) * np.array([rng.uniform(0.9, 1.1), rng.uniform(0.9, 1.1), 1])
+    face = np.stack([0.3 * radius * np.cos(angle), -0.85 + 0.4 * radius * np.sin(angle), -0.1 * (1 - radius)], 1)
+    outline = 2 * np.pi * np.arange(len(FACE_OVAL)) / len(FACE_OVAL)       # the mesh's outline on the edge
+    face[FACE_OVAL] = np.stack([0.3 * np.sin(outline), -0.85 - 0.4 * np.cos(outline), 0 * outline], 1)
+    face *= np.array([rng.uniform(0.9, 1.1), rng.uniform(0.9, 1.1), 1])
     return dict(id=k, body=body, face=face, scale=rng.uniform(0.8, 1.2),
                 origin=np.array([0.5 + rng.uniform(-0.08, 0.08), 0.42 + rng.uniform(-0.05, 0.05)]),
                 speed=rng.uniform(0.8, 1.25), jitter=rng.uniform(0.001, 0.004), sway=rng.uniform(0.01, 0.04),
@@ -647,6 +652,7 @@ class Clip:
     split: str
     gloss: str
     text: str
+    where: str = ""                    # the annotation's file and line
 
 
 def _walk(root):
@@ -702,17 +708,20 @@ def _bad(message, on_bad):
 def _clip(where, sid, path, split, gloss, text, on_bad):
     """A Clip, or None for a bad row after its one-line error went to on_bad (raised without it)."""
     problem = (f"unknown split {split!r} (expected train, dev, val or test)" if split not in SPLIT_NAMES
-               else "empty gloss" if not gloss.split() else "empty text" if not text.split() else None)
+               else "empty gloss" if not gloss.split() else "empty text" if not text.split()
+               else f"the id {sid!r} cannot be a file name" if pose_path(".", sid) is None else None)
     if problem:
         return _bad(f"{where}: {problem}", on_bad)
-    return Clip(sid, path, SPLIT_NAMES[split], " ".join(gloss.split()), " ".join(text.split()))
+    return Clip(sid, path, SPLIT_NAMES[split], " ".join(gloss.split()), " ".join(text.split()), where)
 
 
 def import_gsl(root, split_files=(), text_file=None, protocol="SI", on_bad=None):
     """Clips of a raw GSL tree: the split files (`path|glosses`, no header: gsl_split_SI_train/dev/test.csv,
     or the signer-dependent GSL_SD_* with protocol SD) joined with the Greek text of merged_continuous.csv
     (`path|text|glosses`, its path without the scenario folder). Files not given are searched anywhere under
-    root. Ids are the frame-folder path with / replaced by _; dev becomes val."""
+    root. Ids are the path without its scenario folder with / replaced by _, as in the SignAttention layout
+    (police1/police1_signer1_rep1_sentences/sentences0000 is police1_signer1_rep1_sentences_sentences0000);
+    dev becomes val."""
     pattern = re.compile(rf"^(?:gsl_split_)?(?:gsl_)?{protocol}_(train|dev|val|test)\.csv$", re.IGNORECASE)
     folders, files = _walk(root)
     split_files = split_files or [f for f in files if pattern.match(os.path.basename(f))]
@@ -724,18 +733,18 @@ def import_gsl(root, split_files=(), text_file=None, protocol="SI", on_bad=None)
     texts = {path: text for _, (path, text, _) in _pipe_rows(text_file, 3)}
     clips = []
     for split_file in split_files:
-        match = re.search(r"(train|dev|val|test)", os.path.basename(split_file), re.IGNORECASE)
+        match = re.search(r"(?:^|[^a-z])(train|dev|val|test)\.csv$", os.path.basename(split_file), re.IGNORECASE)
         if not match:
-            raise DataError(f"{split_file}: the file name does not say its split (train, dev or test)")
+            raise DataError(f"{split_file}: the file name does not end in its split (train, dev or test).csv")
         rows = _pipe_rows(split_file, 2)
-        first = rows[0][1][0]
-        base = next((d for d in folders if os.path.isdir(os.path.join(d, first))), root)
+        base = next((d for _, (path, _) in rows[:20] for d in folders if os.path.isdir(os.path.join(d, path))), root)
         for n, (path, gloss) in rows:
-            text = texts.get(path.split("/", 1)[-1], texts.get(path))
+            key = path.strip("/").split("/", 1)[-1]              # merged_continuous.csv drops the scenario folder
+            text = texts.get(key, texts.get(path))
             if text is None:
                 _bad(f"{split_file}: line {n}: no text for {path} in {text_file}", on_bad)
                 continue
-            clip = _clip(f"{split_file}: line {n}", path.strip("/").replace("/", "_"), os.path.join(base, path),
+            clip = _clip(f"{split_file}: line {n}", key.replace("/", "_"), os.path.join(base, path),
                          match.group(1).lower(), gloss, text, on_bad)
             clips += [clip] if clip else []
     return clips
@@ -768,10 +777,11 @@ def import_folder(root, annotations, on_bad=None):
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name)
         stem, ext = os.path.splitext(name)
-        if os.path.isfile(path) and ext.lower() in VIDEO_TYPES:
-            found.setdefault(stem, path)
-        elif os.path.isdir(path):
-            found.setdefault(name, path)
+        sid = stem if os.path.isfile(path) and ext.lower() in VIDEO_TYPES else name if os.path.isdir(path) else None
+        if sid in found:
+            raise DataError(f"{root}: {os.path.basename(found[sid])} and {name} both give the id {sid!r}")
+        if sid is not None:
+            found[sid] = path
     clips = []
     for line, row in _read_csv(annotations, ("id", "text", "gloss", "split")):
         sid = (row["id"] or "").strip()
@@ -804,35 +814,34 @@ def detect_source(root):
 
 
 def import_clips(root, source, annotations=None, split_files=(), text_file=None, protocol="SI", on_bad=None):
-    """The clips of a source folder of the given kind (see detect_source), each with its annotation."""
+    """The clips of a source folder of the given kind (see detect_source), each with its annotation; an id
+    given twice is a bad row."""
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: no such folder")
     if source in ("videos", "frames") and not annotations:
         raise DataError(f"{root}: a folder of {source} needs --annotations FILE (a CSV with id,text,gloss,split)")
     clips = (import_gsl(root, split_files, text_file, protocol, on_bad) if source == "gsl" else
              import_phoenix(root, on_bad) if source == "phoenix" else import_folder(root, annotations, on_bad))
-    seen = set()
+    seen, unique = {}, []
     for clip in clips:
         if clip.id in seen:
-            raise DataError(f"{root}: the id {clip.id} is annotated twice")
-        seen.add(clip.id)
-    return clips
+            _bad(f"{clip.where}: the id {clip.id} was given before, by {seen[clip.id]}", on_bad)
+            continue
+        seen[clip.id] = clip.where
+        unique.append(clip)
+    return unique
 
 
 def read_frames(path):
     """The RGB frames (H, W, 3) uint8 of a video file, in order, or of a frame folder, in sorted file-name
     order. A file that cannot be decoded (a corrupt video, a truncated image) raises DataError naming it."""
     if os.path.isdir(path):
-        from PIL import Image                                      # matplotlib's dependency: always here
-        names = sorted(n for n in os.listdir(path) if os.path.splitext(n)[1].lower() in IMAGE_TYPES)
+        names = sorted(n for n in os.listdir(path) if os.path.splitext(n)[1].lower() in IMAGE_TYPES
+                       and not n.startswith("."))                  # not macOS's ._ companions
         if not names:
             raise DataError(f"{path}: zero frames (no {', '.join(IMAGE_TYPES)} files)")
         for name in names:
-            try:
-                with Image.open(os.path.join(path, name)) as image:      # a truncated file raises in load()
-                    image.load()
-                    frame = np.asarray(image.convert("RGB"))
-            except Exception as e:
-                raise DataError(f"{os.path.join(path, name)}: unreadable image ({e})".splitlines()[0]) from None
-            yield frame
+            yield _rgb(os.path.join(path, name))
         return
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such video file or frame folder")
@@ -841,6 +850,7 @@ def read_frames(path):
     try:
         if not video.isOpened():
             raise DataError(f"{path}: unreadable video")
+        declared = int(video.get(cv2.CAP_PROP_FRAME_COUNT))
         while True:
             ok, frame = video.read()
             if not ok:
@@ -851,6 +861,27 @@ def read_frames(path):
         video.release()
     if not count:
         raise DataError(f"{path}: zero frames (unreadable video)")
+    if declared > 0 and count < 0.95 * declared - 1:
+        raise DataError(f"{path}: the video ends after {count} of its {declared} frames (truncated?)")
+
+
+def _rgb(path):
+    """An image file as (H, W, 3) uint8 RGB, upright as its EXIF orientation says; 16-bit images scaled."""
+    from PIL import Image, ImageOps                               # matplotlib's dependency: always here
+    try:
+        with Image.open(path) as image:                          # a truncated file raises in load()
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):       # 16-bit grey: to 8 bits, not clipped
+                grey = np.asarray(image, dtype=np.float64) * (255 / 65535)
+                return np.repeat(np.clip(grey, 0, 255).astype(np.uint8)[:, :, None], 3, 2)
+            if image.mode not in ("RGB", "RGBA", "L", "LA", "P", "CMYK", "YCbCr", "1"):
+                raise DataError(f"{path}: unsupported image mode {image.mode}")
+            return np.asarray(image.convert("RGB"))
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"{path}: unreadable image ({e})".splitlines()[0]) from None
 
 
 def holistic_keypoints(frames, holistic):
@@ -894,28 +925,58 @@ def _quiet_stderr():
 
 
 def convert_clip(clip, out):
-    """Run MediaPipe Holistic over one clip and write out/poses/<id>.npy atomically. Returns (id, frames,
-    seconds, None), or (id, 0, seconds, reason) when the clip cannot be read; a fresh tracker per clip."""
-    start = time.time()
+    """Run MediaPipe Holistic over one clip (a fresh tracker) and write out/poses/<id>.npy atomically.
+    Returns (id, frames, None), or (id, 0, (file, reason)) for a clip that could not be converted: unreadable,
+    no person found in any frame, or any other error, which then concerns this clip only."""
     try:
         with _quiet_stderr():                 # MediaPipe's and FFmpeg's own log lines; failures are returned
             import mediapipe as mp
             with mp.solutions.holistic.Holistic(**HOLISTIC) as holistic:
                 pose = holistic_keypoints(read_frames(clip.path), holistic)
+        if np.isnan(pose[:, 0, BODY + LEFT_HAND + RIGHT_HAND]).all():
+            return clip.id, 0, (clip.path, f"MediaPipe found no body or hand in any of its {len(pose)} frames")
+        atomic_write(os.path.join(out, "poses", clip.id + ".npy"), lambda f: np.save(f, pose))
     except DataError as e:
-        return clip.id, 0, time.time() - start, str(e)
-    atomic_write(os.path.join(out, "poses", clip.id + ".npy"), lambda f: np.save(f, pose))
-    return clip.id, len(pose), time.time() - start, None
+        file, _, reason = str(e).partition(": ")              # our messages begin with the file they concern
+        return clip.id, 0, (file, reason)
+    except Exception as e:
+        return clip.id, 0, (clip.path, f"{type(e).__name__}: {e}".splitlines()[0])
+    return clip.id, len(pose), None
 
 
-POSE_FORMAT_PARTS = (("POSE_LANDMARKS", BODY), ("FACE_LANDMARKS", FACE), ("LEFT_HAND_LANDMARKS", LEFT_HAND),
-                     ("RIGHT_HAND_LANDMARKS", RIGHT_HAND))
+def mediapipe_version():
+    """The installed MediaPipe's version, after importing what `poses` needs; a one-line DataError if it
+    cannot be imported."""
+    try:
+        with _quiet_stderr():
+            __import__("cv2")
+            return __import__("mediapipe").__version__
+    except ImportError as e:
+        raise DataError(f"MediaPipe cannot be imported ({e}): {POSES_INSTALL}") from None
+
+
+# MediaPipe's point names, which pose-format files carry (the face's points are named by their index)
+POSE_NAMES = ["NOSE", "LEFT_EYE_INNER", "LEFT_EYE", "LEFT_EYE_OUTER", "RIGHT_EYE_INNER", "RIGHT_EYE",
+              "RIGHT_EYE_OUTER", "LEFT_EAR", "RIGHT_EAR", "MOUTH_LEFT", "MOUTH_RIGHT", "LEFT_SHOULDER", "RIGHT_SHOULDER",
+              "LEFT_ELBOW", "RIGHT_ELBOW", "LEFT_WRIST", "RIGHT_WRIST", "LEFT_PINKY", "RIGHT_PINKY", "LEFT_INDEX",
+              "RIGHT_INDEX", "LEFT_THUMB", "RIGHT_THUMB", "LEFT_HIP", "RIGHT_HIP", "LEFT_KNEE", "RIGHT_KNEE",
+              "LEFT_ANKLE", "RIGHT_ANKLE", "LEFT_HEEL", "RIGHT_HEEL", "LEFT_FOOT_INDEX", "RIGHT_FOOT_INDEX"]
+HAND_NAMES = ["WRIST"] + [f"{finger}_{joint}" for finger, joints in (
+    ("THUMB", ("CMC", "MCP", "IP", "TIP")), ("INDEX_FINGER", ("MCP", "PIP", "DIP", "TIP")),
+    ("MIDDLE_FINGER", ("MCP", "PIP", "DIP", "TIP")), ("RING_FINGER", ("MCP", "PIP", "DIP", "TIP")),
+    ("PINKY", ("MCP", "PIP", "DIP", "TIP"))) for joint in joints]
+POSE_FORMAT_PARTS = (("POSE_LANDMARKS", BODY, POSE_NAMES), ("FACE_LANDMARKS", FACE, [str(i) for i in range(468)]),
+                     ("LEFT_HAND_LANDMARKS", LEFT_HAND, HAND_NAMES), ("RIGHT_HAND_LANDMARKS", RIGHT_HAND, HAND_NAMES))
 
 
 def read_pose_format(path):
-    """A pose-format `.pose` file of MediaPipe Holistic components -> (frames, 1, 543, 3) float32 in our order:
-    the first person; POSE_LANDMARKS, FACE_LANDMARKS (cut to 468), LEFT_ and RIGHT_HAND_LANDMARKS; x and y
-    (pixels) divided by the header's width and height, z as stored (NaN without one); masked points NaN."""
+    """A pose-format `.pose` file of MediaPipe Holistic components -> (frames, 1, 543, 3) float32 in our order.
+
+    The first person's POSE_LANDMARKS, FACE_LANDMARKS, LEFT_ and RIGHT_HAND_LANDMARKS, each point placed by
+    its name (MediaPipe's landmark names, the face's by index: a refined face's iris points and any other
+    component are left out, and a reduced file fills only the points it has); x and y (pixels) divided by the
+    header's width and height, z as stored; points masked or of confidence 0, and points the file lacks, NaN.
+    """
     try:
         from pose_format import Pose
     except ImportError:
@@ -925,22 +986,32 @@ def read_pose_format(path):
             pose = Pose.read(f.read())
     except Exception as e:
         raise DataError(f"{path}: unreadable .pose file ({type(e).__name__}: {e})".splitlines()[0]) from None
-    header, data = pose.header, pose.body.data                         # data: masked (frames, people, points, dims)
-    offsets, start = {}, 0
+    header, data = pose.header, pose.body.data                     # data: masked (frames, people, points, dims)
+    confidence = np.asarray(pose.body.confidence)
+    components, start = {}, 0
     for component in header.components:
-        offsets[component.name], start = (start, len(component.points)), start + len(component.points)
-    missing = [name for name, _ in POSE_FORMAT_PARTS if name not in offsets]
-    if missing or data.shape[0] == 0:
-        raise DataError(f"{path}: " + (f"no {', '.join(missing)} component (not a MediaPipe Holistic pose)"
-                                       if missing else "zero frames"))
+        components[component.name] = (start, list(component.points))
+        start += len(component.points)
+    missing = [name for name, _, _ in POSE_FORMAT_PARTS if name not in components]
+    width, height = header.dimensions.width, header.dimensions.height
+    problem = (f"no {', '.join(missing)} component (not a MediaPipe Holistic pose)" if missing
+               else "zero frames" if data.shape[0] == 0 else "no person" if data.shape[1] == 0
+               else f"the header's width and height are {width} x {height}" if width <= 0 or height <= 0 else None)
+    if problem:
+        raise DataError(f"{path}: {problem}")
     out = np.full((data.shape[0], 1, N_KEYPOINTS, 3), np.nan, np.float32)
-    scale = np.array([header.dimensions.width, header.dimensions.height, 1.0][:min(3, data.shape[-1])])
-    for name, ids in POSE_FORMAT_PARTS:
-        first, count = offsets[name]
-        n = min(count, len(ids))
-        part = np.ma.filled(data[:, 0, first:first + n, :3].astype(np.float32), np.nan) / scale
-        part[np.asarray(pose.body.confidence)[:, 0, first:first + n] <= 0] = np.nan      # not detected
-        out[:, 0, ids[:n], :part.shape[-1]] = part
+    dims = min(3, data.shape[-1])
+    scale = np.array([width, height, 1.0][:dims], np.float32)
+    for name, ids, names in POSE_FORMAT_PARTS:
+        first, points = components[name]
+        where = {n: i for i, n in enumerate(points)}
+        pairs = [(ids[k], first + where[n]) for k, n in enumerate(names) if n in where]
+        if not pairs:
+            raise DataError(f"{path}: {name} has no point named as MediaPipe names them ({', '.join(points[:3])}, ...)")
+        ours, theirs = [a for a, _ in pairs], [b for _, b in pairs]
+        part = np.ma.filled(data[:, 0, theirs, :dims].astype(np.float32), np.nan) / scale
+        part[confidence[:, 0, theirs] <= 0] = np.nan                                   # not detected
+        out[:, 0, ours, :dims] = part
     return out
 
 
@@ -1558,9 +1629,9 @@ def translation_metrics(hypotheses, references):
 
 def atomic_write(path, write):
     """Write through `write(file)` into a temporary file beside `path`, fsync, then rename over it."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{path}.tmp{os.getpid()}-{os.urandom(4).hex()}"         # unique, even across machines
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())

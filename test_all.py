@@ -224,6 +224,7 @@ OUT_OF_RANGE = {
     "bench": {"--seed": ["-1"], "--batch-size": ["0"], "--limit": ["-5"]},
     "plot": {"--sample": ["-1"]},
     "poses": {"--workers": ["0"], "--limit": ["0", "-1"]},
+    "view": {"--limit": ["0"]},
     "perturb": {"--seed": ["-1"], "--limit": ["0"], "--bootstrap": ["5", "100001"]},
 }
 
@@ -327,9 +328,10 @@ def astronaut():
 
 
 def write_frames(folder, frames, suffix=".jpg"):
+    """frame_0000, frame_0001, ... written last first, so that only their names give their order."""
     from PIL import Image
     os.makedirs(folder)
-    for i, frame in enumerate(frames):
+    for i, frame in reversed(list(enumerate(frames))):
         Image.fromarray(frame).save(os.path.join(folder, f"frame_{i:04d}{suffix}"), quality=95)
 
 
@@ -354,14 +356,16 @@ def shifted(image, dx, dy):
 
 @pytest.fixture(scope="session")
 def converted(tmp_path_factory):
-    """A folder of recordings converted by `python run.py poses` as three shards (2 workers each): the
-    photograph as a 4-frame video and as a folder of PNG frames, four folders of 3 shifted JPEG frames, a
-    corrupt video and a frame folder with a truncated JPEG. Returns (cwd, source, out, the shard runs)."""
+    """A folder of recordings converted by `python run.py poses` as three shards running at once: the
+    photograph moving 12 pixels right per frame as a 4-frame video and as a folder of PNG frames, four
+    folders of 3 shifted JPEG frames, a corrupt video and a frame folder with a truncated JPEG. Returns (cwd,
+    source, out, the shard runs)."""
     cwd = tmp_path_factory.mktemp("poses")
     src, image = cwd / "recordings", astronaut()
     os.makedirs(src)
-    write_video(str(src / "astronaut_video.mkv"), [image] * 4)
-    write_frames(str(src / "astronaut"), [image] * 4, ".png")
+    moving = [shifted(image, 12 * i, 0) for i in range(4)]
+    write_video(str(src / "astronaut_video.mkv"), moving)
+    write_frames(str(src / "astronaut"), moving, ".png")
     for k, (dx, dy) in enumerate([(-40, 10), (30, -20), (20, 25), (-25, -10)]):
         write_frames(str(src / f"shifted{k}"), [shifted(image, dx + 3 * i, dy) for i in range(3)])
     (src / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(4000))
@@ -374,16 +378,18 @@ def converted(tmp_path_factory):
             ("corrupt", "γεια σας", "ΓΕΙΑ", "test"), ("truncated", "γεια σας", "ΓΕΙΑ", "test")]
     with open(cwd / "annotations.csv", "w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows([("id", "text", "gloss", "split")] + rows)
-    shards = [run(["poses", "recordings", "--annotations", "annotations.csv", "--out", "out", "--workers", "2",
-                   "--shard", f"{k}/3"], str(cwd)) for k in (1, 2, 3)]
-    return cwd, src, cwd / "out", shards
+    shards = [subprocess.Popen(RUN + ["poses", "recordings", "--annotations", "annotations.csv", "--out", "out",
+                                      "--workers", "1", "--shard", f"{k}/3"], cwd=cwd, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for k in (1, 2, 3)]
+    done = [subprocess.CompletedProcess(p.args, p.wait(300), *p.communicate()) for p in shards]
+    return cwd, src, cwd / "out", done
 
 
 @needs_poses
 def test_poses_keypoints_are_mediapipe_holistic_in_our_order(converted):
-    """Shape (frames, 1, 543, 3); the nose and the shoulders where they are on the photograph; pose and face
-    found and both hands NaN (the photograph shows none); the video and the frame folder of the same pixels
-    give the same keypoints."""
+    """Shape (frames, 1, 543, 3); the nose and the shoulders where they are on the photograph, frame after
+    frame in order; pose and face found and both hands NaN (the photograph shows none); the video and the
+    frame folder of the same pixels give the same keypoints."""
     cwd, src, out, _ = converted
     frames, video = np.load(out / "poses" / "astronaut.npy"), np.load(out / "poses" / "astronaut_video.npy")
     assert frames.shape == video.shape == (4, 1, 543, 3) and frames.dtype == np.float32
@@ -391,12 +397,15 @@ def test_poses_keypoints_are_mediapipe_holistic_in_our_order(converted):
         p = pose[:, 0] * np.array([512, 512, 1])                         # pixels
         assert np.isnan(p[:, sa.LEFT_HAND + sa.RIGHT_HAND]).all()
         assert np.isfinite(p[:, sa.BODY]).all() and np.isfinite(p[:, sa.FACE]).all()
-        nose, left, right = p[:, 0, :2], p[:, sa.L_SHOULDER, :2], p[:, sa.R_SHOULDER, :2]
+        moved = p - np.array([12, 0, 0]) * np.arange(4)[:, None, None]      # each frame 12 px further right
+        nose, left, right = moved[:, 0, :2], moved[:, sa.L_SHOULDER, :2], moved[:, sa.R_SHOULDER, :2]
         assert ((nose > [200, 105]) & (nose < [250, 150])).all()           # the tip of her nose: about (224, 127)
         assert ((left > [270, 215]) & (left < [345, 290])).all()           # her left shoulder is the image's right
         assert ((right > [75, 200]) & (right < [150, 275])).all()
-        face = p[:, sa.FACE, :2]
+        face = moved[:, sa.FACE, :2]
         assert ((face > [160, 40]) & (face < [290, 200])).all()             # the whole face mesh on her face
+        steps = np.diff(p[:, 0, 0])          # the nose follows the frames' order (tracking smooths the first step)
+        assert (steps > 3).all() and 24 < steps.sum() < 44, steps
     assert (np.isnan(frames) == np.isnan(video)).all()
     np.testing.assert_allclose(frames, video, atol=1e-4)                    # the same pixels, in the same order
 
@@ -412,13 +421,15 @@ def test_poses_shards_failures_and_a_second_run(converted):
     for k, result in enumerate(shards, 1):
         assert "Traceback" not in result.stderr and "W0000" not in result.stderr, result.stderr
         assert "0 already converted" in result.stdout, result.stdout       # no shard redoes another's clip
+        assert " frames/s  ETA " in result.stdout
         with open(out / f"failures_{k}of3.csv", encoding="utf-8") as f:
             failed = list(csv.DictReader(f))
         assert result.returncode == (1 if failed else 0), (result.stdout, result.stderr)
         taken.append(failed)
     failures = {r["id"]: r for rows in taken for r in rows}
     assert set(failures) == {"corrupt", "truncated"}
-    assert failures["corrupt"]["file"].endswith("corrupt.mp4") and "video" in failures["corrupt"]["reason"]
+    assert failures["corrupt"]["file"] == os.path.join("recordings", "corrupt.mp4")
+    assert "video" in failures["corrupt"]["reason"]
     assert failures["truncated"]["file"].endswith("frame_0001.jpg") and "truncated" in failures["truncated"]["reason"]
     converted_ids = {f[:-4] for f in os.listdir(out / "poses") if f.endswith(".npy")}
     assert converted_ids == ids - set(failures)
@@ -427,6 +438,7 @@ def test_poses_shards_failures_and_a_second_run(converted):
     with open(out / "annotations.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert {r["id"] for r in rows} == converted_ids and {r["split"] for r in rows} == {"train", "val", "test"}
+    # the shards ran at once: whichever finished last listed every clip the three converted
     assert next(r for r in rows if r["id"] == "astronaut")["text"] == "η αστροναύτης"
     metadata = json.loads((out / "metadata.json").read_text(encoding="utf-8"))
     assert metadata["mediapipe"] == "0.10.21" and metadata["holistic"]["model_complexity"] == 1
@@ -438,21 +450,36 @@ def test_poses_shards_failures_and_a_second_run(converted):
     assert {f: os.stat(out / "poses" / f).st_mtime_ns for f in os.listdir(out / "poses")} == stamps
 
 
+def parent_of(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 @needs_poses
 def test_poses_resumes_after_kill_9(converted, tmp_path):
-    """A conversion killed with SIGKILL leaves only complete pose files, and the next run converts the rest."""
+    """A conversion with two worker processes killed with SIGKILL leaves only complete pose files, its workers
+    stop too, and the next run converts the rest."""
     cwd, src, _, _ = converted
-    args = RUN + ["poses", str(src), "--annotations", str(cwd / "annotations.csv"), "--out", "out", "--workers", "1"]
+    args = RUN + ["poses", str(src), "--annotations", str(cwd / "annotations.csv"), "--out", "out", "--workers", "2"]
     process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     poses, deadline = tmp_path / "out" / "poses", time.time() + 120
     while time.time() < deadline and not (poses.exists() and any(f.endswith(".npy") for f in os.listdir(poses))):
         time.sleep(0.05)
+    children = [p for p in map(int, filter(str.isdigit, os.listdir("/proc"))) if parent_of(p) == process.pid]
     process.kill()
     process.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and any(os.path.exists(f"/proc/{c}") for c in children):
+        time.sleep(0.2)
+    assert children and not any(os.path.exists(f"/proc/{c}") for c in children)     # the workers ended too
     before = sorted(f for f in os.listdir(poses) if f.endswith(".npy"))
     assert 1 <= len(before) < 6, before                               # killed part-way
+    assert not [f for f in os.listdir(poses) if not f.endswith(".npy")]
     assert all(sa.pose_file_complete(str(poses / f)) for f in before)
-    again = run(args[2:], str(tmp_path))
+    again = run(args[2:-2] + ["--workers", "1"], str(tmp_path))
     assert f"{len(before)} already converted, {8 - len(before)} to convert" in again.stdout, again.stdout
     assert sorted(f for f in os.listdir(poses) if f.endswith(".npy")) == sorted(
         f"{i}.npy" for i in ("astronaut", "astronaut_video", "shifted0", "shifted1", "shifted2", "shifted3"))
@@ -472,32 +499,43 @@ def test_converted_recordings_train_extract_and_plot(converted, tmp_path):
     assert os.path.getsize(tmp_path / "r" / "sample0_skeleton.png") > 10000
 
 
-@needs_poses
-def test_pose_format_files_load_equal_to_the_npy(converted, tmp_path):
-    """A .pose file written with pose-format (pixels, masked where not detected, a 478-point refined face,
-    a world-landmark component) loads equal to the converter's .npy, and `--format pose` reads a folder of
-    them."""
+def pose_format_file(path, ours, points=None, width=512, height=384):
+    """Write our (F, 543, 3) keypoints as a pose-format file laid out as pose-format's own MediaPipe Holistic
+    files are: named body and hand points, the face's by index with a refined face's 10 iris points, world
+    landmarks after them, pixels, masked where not detected, the body's confidence its visibility. `points`
+    keeps only some points of each component by name (as pose-format's reduce_holistic does)."""
     from pose_format import Pose
     from pose_format.numpy.pose_body import NumPyPoseBody
     from pose_format.pose_header import PoseHeader, PoseHeaderComponent, PoseHeaderDimensions
+    face = np.concatenate([ours[:, sa.FACE], np.full((len(ours), 10, 3), 0.5, np.float32)], 1)       # + iris
+    parts = [("POSE_LANDMARKS", sa.POSE_NAMES, ours[:, sa.BODY]), ("FACE_LANDMARKS", [str(i) for i in range(478)], face),
+             ("LEFT_HAND_LANDMARKS", sa.HAND_NAMES, ours[:, sa.LEFT_HAND]),
+             ("RIGHT_HAND_LANDMARKS", sa.HAND_NAMES, ours[:, sa.RIGHT_HAND]),
+             ("POSE_WORLD_LANDMARKS", sa.POSE_NAMES, ours[:, sa.BODY] * 0.1)]
+    if points:
+        parts = [(c, [n for n in names if n in points.get(c, names)],
+                  values[:, [i for i, n in enumerate(names) if n in points.get(c, names)]]) for c, names, values in parts]
+    header = PoseHeader(0.1, PoseHeaderDimensions(width=width, height=height, depth=1000),
+                        [PoseHeaderComponent(c, names, [], [(255, 0, 0)], "XYZC") for c, names, _ in parts])
+    data = np.concatenate([values for _, _, values in parts], 1) * np.array([width, height, 1], np.float32)
+    found = np.isfinite(data).all(-1)
+    visibility = np.where(found, 0.2 + 0.8 * np.random.default_rng(0).random(found.shape), 0).astype(np.float32)
+    masked = np.ma.masked_array(np.nan_to_num(data)[:, None], mask=~np.repeat(found[:, None, :, None], 3, -1))
+    with open(path, "wb") as f:
+        Pose(header, NumPyPoseBody(25, masked, visibility[:, None])).write(f)
+
+
+@needs_poses
+def test_pose_format_files_load_equal_to_the_npy(converted, tmp_path):
+    """A .pose file laid out as pose-format writes MediaPipe Holistic (named points, a 478-point refined face,
+    world landmarks) loads equal to the converter's .npy, and `--format pose` reads a folder of them; a
+    reduced file puts each of its points at its name's place and leaves the others NaN."""
     _, _, out, _ = converted
-    parts = [("POSE_LANDMARKS", 33), ("FACE_LANDMARKS", 478), ("LEFT_HAND_LANDMARKS", 21),
-             ("RIGHT_HAND_LANDMARKS", 21), ("POSE_WORLD_LANDMARKS", 33)]
-    header = PoseHeader(0.1, PoseHeaderDimensions(width=512, height=384, depth=1000),
-                        [PoseHeaderComponent(name, [str(i) for i in range(n)], [], [(255, 0, 0)], "XYZC")
-                         for name, n in parts])
     os.makedirs(tmp_path / "poses")
     rows = [("id", "text", "gloss", "split")]
     for sid, split in (("astronaut", "train"), ("shifted2", "val"), ("shifted3", "test")):
         ours = np.load(out / "poses" / f"{sid}.npy")[:, 0]                            # (F, 543, 3)
-        face = np.concatenate([ours[:, sa.FACE], np.full((len(ours), 10, 3), 0.5, np.float32)], 1)   # + iris
-        data = np.concatenate([ours[:, sa.BODY], face, ours[:, sa.LEFT_HAND], ours[:, sa.RIGHT_HAND],
-                               ours[:, sa.BODY] * 0.1], 1) * np.array([512, 384, 1], np.float32)
-        found = np.isfinite(data).all(-1)
-        masked = np.ma.masked_array(np.nan_to_num(data)[:, None], mask=~np.repeat(found[:, None, :, None], 3, -1))
-        pose = Pose(header, NumPyPoseBody(25, masked, found[:, None].astype(np.float32)))
-        with open(tmp_path / "poses" / f"{sid}.pose", "wb") as f:
-            pose.write(f)
+        pose_format_file(tmp_path / "poses" / f"{sid}.pose", ours)
         loaded = sa.read_pose_array(str(tmp_path / "poses" / f"{sid}.pose"))
         assert loaded.shape == ours[:, None].shape
         assert (np.isnan(loaded) == np.isnan(ours[:, None])).all()
@@ -507,8 +545,18 @@ def test_pose_format_files_load_equal_to_the_npy(converted, tmp_path):
         csv.writer(f).writerows(rows)
     pose_records = sa.load_records(str(tmp_path), sa.DataConfig(format="pose"))
     npy_records = {r.id: r for r in sa.load_records(str(out), sa.DataConfig())}
+    assert len(pose_records) == 3
     for r in pose_records:
         np.testing.assert_allclose(r.frames, npy_records[r.id].frames, rtol=1e-4, atol=1e-5)
+    ours = np.load(out / "poses" / "astronaut.npy")[:, 0]
+    keep = {"POSE_LANDMARKS": ["LEFT_SHOULDER", "RIGHT_SHOULDER", "LEFT_ELBOW", "RIGHT_ELBOW", "LEFT_WRIST",
+                               "RIGHT_WRIST", "LEFT_HIP", "RIGHT_HIP"], "FACE_LANDMARKS": ["10", "152", "234"]}
+    pose_format_file(tmp_path / "reduced.pose", ours, keep)
+    reduced = sa.read_pose_array(str(tmp_path / "reduced.pose"))[:, 0]
+    kept = [11, 12, 13, 14, 15, 16, 23, 24] + [sa.FACE[i] for i in (10, 152, 234)]
+    np.testing.assert_allclose(reduced[:, kept], ours[:, kept], rtol=1e-5, atol=1e-6)
+    others = [i for i in sa.BODY + sa.FACE if i not in kept]
+    assert np.isnan(reduced[:, others]).all()
 
 
 def gsl_tree(root, image):
@@ -561,8 +609,9 @@ def test_poses_imports_gsl_and_phoenix_trees(tmp_path):
         assert len(os.listdir(tmp_path / out / "poses")) == 3
     with open(tmp_path / "gsl" / "annotations.csv", encoding="utf-8") as f:
         gsl = {r["id"]: r for r in csv.DictReader(f)}
-    assert gsl == {p.replace("/", "_"): dict(id=p.replace("/", "_"), text=texts[g], gloss=" ".join(g.split()),
-                                            split=sa.SPLIT_NAMES[s]) for p, (g, s) in paths.items()}
+    ids = {p: p.split("/", 1)[1].replace("/", "_") for p in paths}     # kep4_signer3_rep3_sentences_sentences0011
+    assert gsl == {ids[p]: dict(id=ids[p], text=texts[g], gloss=" ".join(g.split()), split=sa.SPLIT_NAMES[s])
+                   for p, (g, s) in paths.items()}
     assert json.loads((tmp_path / "gsl" / "metadata.json").read_text(encoding="utf-8"))["source"] == "gsl"
     with open(tmp_path / "phx" / "annotations.csv", encoding="utf-8") as f:
         phx = {r["id"]: r for r in csv.DictReader(f)}
@@ -614,6 +663,10 @@ def test_poses_bad_sources_get_one_line_errors(tmp_path, monkeypatch, capsys):
     assert err_line(capsys) == ("error: python run.py poses needs MediaPipe, an optional install: "
                                 "pip install --no-deps -r requirements-poses.txt")
     assert not os.path.exists(tmp_path / "data")
+    for bad in ("3/2", "0/2", "a/b", "2"):
+        result = run(["poses", "videos", "--shard", bad], str(tmp_path))
+        assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+        assert f"argument --shard: '{bad}' is not K/N with 1 <= K <= N" in result.stderr
 
 
 # ----------------------------------------------------------------------------------------------------
