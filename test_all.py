@@ -1624,6 +1624,180 @@ def test_plot_one_sample_right_after_training(tiny_run):
 
 
 # ----------------------------------------------------------------------------------------------------
+# view: one offline HTML file (Python checks; a real browser where Chromium is installed)
+# ----------------------------------------------------------------------------------------------------
+
+import base64
+import re
+import shutil
+import zlib
+
+CHROMIUM = next((shutil.which(c) for c in ("chromium", "chromium-browser", "google-chrome") if shutil.which(c)), None)
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
+
+
+@pytest.fixture(scope="session")
+def viewed_run(tiny_run):
+    """The tiny run's view, made as a user makes it: `view` (which extracts the split first), `perturb`
+    on the extraction, then `view` again, which now shows the perturbation table."""
+    cwd, _ = tiny_run
+    run_folder_copy(cwd, "v")
+    first = run(["view", "v"], str(cwd))
+    assert first.returncode == 0, first.stderr
+    assert "extracting the test split first" in first.stdout and "view_test.html" in first.stdout
+    for args in (["perturb", "v", "--limit", "6", "--bootstrap", "100"], ["view", "v"]):
+        result = run(args, str(cwd))
+        assert result.returncode == 0, result.stderr
+    return cwd, cwd / "v" / "view_test.html"
+
+
+def read_view(path):
+    """(the page's JSON, its arrays as numpy) from a view file, decoded as the page decodes them."""
+    html = open(path, encoding="utf-8").read()
+    page = json.loads(re.search(r'<script id="view-data" type="application/json">(.*?)</script>', html, re.S).group(1))
+    blob = zlib.decompress(base64.b64decode(re.search(r'<script id="view-blob" type="text/plain">(.*?)</script>',
+                                                      html, re.S).group(1).strip()))
+    types = {"f4": "<f4", "u1": "u1", "u2": "<u2"}
+
+    def array(entry):
+        offset, kind, shape = entry
+        return np.frombuffer(blob, types[kind], int(np.prod(shape)), offset).reshape(shape)
+    return html, page, array
+
+
+def test_view_file_holds_the_extraction(viewed_run):
+    """Every array decoded back from the file equals the extraction: relevance and cross-attention exactly,
+    CTC posteriors to 1/255, the pose to its 12-bit quantisation; the gloss segments are the data's."""
+    cwd, path = viewed_run
+    html, page, array = read_view(path)
+    data = torch.load(cwd / "v" / "extract_test.pt", weights_only=True)
+    meta, samples = data["meta"], data["samples"]
+    assert page["meta"]["methods"] == list(ex.METHODS) and len(page["samples"]) == len(samples) == 16
+    assert set(page["meta"]["signed"]) == ex.SIGNED and page["meta"]["pointing"]["occurrences"] > 0
+    assert [t["title"] for t in page["meta"]["perturb"]] == ["perturb test token first6"]
+    assert set(page["meta"]["perturb"][0]["curves"]) == set(ex.METHODS)
+    alignments = sa.read_alignments(json.load(open(cwd / "v" / "config.json"))["data_path"])
+    for s, v in zip(samples, page["samples"]):
+        assert (v["id"], v["tokens"], v["prediction"], v["frames"]) == (s["id"], s["tokens"], s["prediction"], s["frames"])
+        for m in ex.METHODS:
+            np.testing.assert_array_equal(array(v["arrays"][f"rel:{m}"]), s["relevance"][m].numpy())
+        np.testing.assert_array_equal(array(v["arrays"]["cross"]), s["attention"]["decoder_cross"].float().mean(1).numpy())
+        video, tokens = s["branch_norms"]["video"], s["branch_norms"]["tokens"]
+        np.testing.assert_allclose(array(v["arrays"]["share"]), (video / (video + tokens)).numpy(), rtol=1e-6)
+        columns = [meta["gloss_vocab"].index(g) for g in v["ctc_glosses"]]
+        assert set(s["gloss_reference"]) <= set(v["ctc_glosses"])
+        np.testing.assert_allclose(array(v["arrays"]["ctc"]) / 255, s["gloss_posteriors"].float()[:, columns].numpy(),
+                                   atol=0.5 / 255 + 1e-3)
+        assert v["segments"] == [[g, a, b] for _, g, a, b in sorted(alignments[s["id"]])]
+        pose = np.load(os.path.join(json.load(open(cwd / "v" / "config.json"))["data_path"], "poses", s["id"] + ".npy"))
+        points = pose[:, 0, [*sa.BODY[:25], *sa.LEFT_HAND, *sa.RIGHT_HAND, *[sa.FACE[i] for i in sa.FACE_OVAL]], :2]
+        codes = np.cumsum(array(v["pose"]["array"]).astype(np.int64), 0) % 65536           # frames were differences
+        levels = page["meta"]["pose_levels"]
+        assert ((codes == levels) == np.isnan(points)).all()
+        lo, hi = np.array(v["pose"]["lo"]), np.array(v["pose"]["hi"])
+        decoded = lo + codes / (levels - 1) * (hi - lo)
+        step = (hi - lo) / (levels - 1)                                      # per coordinate
+        assert (np.isnan(points) | (np.abs(decoded - points) <= step / 2 + 1e-6)).all()
+
+
+def test_view_is_one_offline_file_that_escapes_its_text(viewed_run):
+    """No address of any kind, a Content-Security-Policy that forbids every request, every byte inline; text
+    from the data cannot close the script that holds it."""
+    cwd, path = viewed_run
+    html = open(path, encoding="utf-8").read()
+    assert "http://" not in html and "https://" not in html and "//cdn" not in html
+    assert re.search(r'<meta http-equiv="Content-Security-Policy"\s+content="default-src \'none\'', html)
+    assert not re.search(r"<(link|iframe|img|object|embed)\b|\bsrc=|@import|url\(", html)
+    assert html.count("<script") == 4                              # the data, the arrays, the report, the page
+    run_folder_copy(cwd, "x")
+    data = torch.load(cwd / "v" / "extract_test.pt", weights_only=True)
+    evil = "</script><script>alert(1)</script><!--&amp;"
+    data["samples"][0]["tokens"][0] = data["samples"][0]["prediction"][0] = evil
+    data["samples"][0]["id"] = data["samples"][0]["id"] + "&<b>"
+    torch.save(data, cwd / "x" / "extract_test.pt")
+    result = run(["view", "x", "--limit", "2"], str(cwd))
+    assert result.returncode == 0, result.stderr
+    html, page, _ = read_view(cwd / "x" / "view_test.html")
+    assert "<script>alert" not in html and html.count("</script>") == html.count("<script") == 4
+    assert page["samples"][0]["tokens"][0] == evil and page["samples"][0]["id"].endswith("&<b>")
+    assert len(page["samples"]) == 2
+
+
+def test_view_of_300_samples_and_14_methods_stays_under_20_mb(tiny_gsl, tmp_path):
+    """The synthetic test split's size (300 samples of the default model's shapes, 14 methods), with the
+    data's real pose files and incompressible random relevance: under 20 MB."""
+    data_path = tmp_path / "data"
+    os.makedirs(data_path / "poses")
+    poses = sorted(os.listdir(os.path.join(tiny_gsl, "poses")))
+    g, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
+    vocab = [sa.PAD, sa.UNK, sa.BOS, sa.EOS] + sa.SYNTHETIC_GLOSSES[:47]
+    samples = []
+    for i in range(300):
+        sid = f"s{i:03d}"
+        os.symlink(os.path.join(tiny_gsl, "poses", poses[i % len(poses)]), data_path / "poses" / f"{sid}.npy")
+        T = (len(np.load(data_path / "poses" / f"{sid}.npy", mmap_mode="r")) + 1) // 2
+        n = int(rng.integers(2, 14))
+        words = [f"λέξη{j}" for j in range(n - 1)] + [sa.EOS]
+        samples.append(dict(
+            id=sid, tokens=words, prediction=words[:-1], text_reference=words[:-1], gloss_reference=vocab[4:8],
+            gloss_prediction=vocab[4:8], frames=T,
+            relevance={m: torch.randn(n, T, generator=g) for m in ex.METHODS},
+            attention=dict(decoder_cross=torch.softmax(torch.randn(2, 4, n, T, generator=g), -1).half()),
+            gloss_posteriors=torch.softmax(4 * torch.randn(T, len(vocab), generator=g), -1).half(),
+            branch_norms=dict(video=torch.rand(2, n, generator=g), tokens=torch.rand(2, n, generator=g))))
+    meta = dict(split="test", target="text", methods=list(ex.METHODS), epoch=30, gloss_vocab=vocab, ctc_trained=True,
+                data_config=asdict_data(subsample=2))
+    os.makedirs(tmp_path / "r")
+    torch.save(dict(meta=meta, samples=samples), tmp_path / "r" / "extract_test.pt")
+    with open(tmp_path / "r" / "config.json", "w") as f:
+        json.dump(dict(data_path=str(data_path)), f)
+    result = run(["view", "r"], str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    size = os.path.getsize(tmp_path / "r" / "view_test.html")
+    assert 5e6 < size < 20e6, size
+
+
+def chromium(url, user_data, *flags):
+    """Headless Chromium on a file URL with the flags that keep it off the network; virtual time lets the
+    page finish its start-up before the DOM is dumped or the screenshot taken."""
+    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                           "--disable-extensions", f"--user-data-dir={user_data}", "--virtual-time-budget=30000",
+                           *flags, url], capture_output=True, text=True, timeout=180)
+
+
+@needs_chromium
+def test_view_in_a_real_browser(viewed_run, tmp_path):
+    """Headless Chromium opens the file at a linked state: no script error, no blocked request, and the page
+    reports the hash's sample, token, method and frame; screenshots of two frames are not blank and differ."""
+    from PIL import Image
+    cwd, path = viewed_run
+    _, page, _ = read_view(path)
+    frames = len(np.load(os.path.join(json.load(open(cwd / "v" / "config.json"))["data_path"], "poses",
+                                      page["samples"][3]["id"] + ".npy"), mmap_mode="r"))
+    url = f"file://{path}#sample=3&token=2&method=generic&frame=40"
+    dom = chromium(url, tmp_path / "profile", "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    report = json.loads(re.search(r'<script id="self-report" type="application/json">(.*?)</script>', dom.stdout,
+                                  re.S).group(1))
+    assert report["ready"] and report["errors"] == [] and report["blocked"] == [], report
+    assert (report["sample"], report["token"], report["method"]) == (3, 2, "generic")
+    assert report["frame"] == min(40, frames - 1) and report["id"] == page["samples"][3]["id"]
+    assert report["token_text"] == page["samples"][3]["tokens"][2] and report["samples"] == 16
+    shots = []
+    for frame in (5, min(40, frames - 1)):
+        shot = tmp_path / f"frame{frame}.png"
+        result = chromium(f"file://{path}#sample=3&token=2&method=generic&frame={frame}", tmp_path / "profile",
+                          f"--screenshot={shot}", "--window-size=1400,1000", "--hide-scrollbars")
+        assert result.returncode == 0 and shot.exists(), result.stderr[-2000:]
+        shots.append(np.asarray(Image.open(shot).convert("RGB")).astype(int))
+    for pixels in shots:
+        assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 200         # text, heatmaps, a signer: not blank
+    changed = np.abs(shots[0] - shots[1]).sum(-1) > 30
+    assert 200 < changed.sum() < 0.5 * changed.size                          # the signer and the playheads moved
+
+
+# ----------------------------------------------------------------------------------------------------
 # review fixes: masks with holes, the caller's model left as it was, decoding, gloss-target runs
 # ----------------------------------------------------------------------------------------------------
 
