@@ -18,6 +18,7 @@ import argparse
 import base64
 import csv
 import functools
+import hashlib
 import importlib.util
 import io
 import json
@@ -192,7 +193,7 @@ def poses(args):
         name=os.path.basename(os.path.normpath(args.path)), source=source, source_path=os.path.abspath(args.path),
         keypoints="MediaPipe Holistic: 33 pose, 468 face, 21 left hand, 21 right hand; x, y in image units, z "
                   "as given; NaN where a part was not detected", mediapipe=version,
-        holistic=sa.HOLISTIC, fps={"gsl": 30, "phoenix": 25}.get(source)))
+        holistic=sa.HOLISTIC, fps={"gsl": 30, "phoenix": 25}.get(source), aspect=frame_aspect(clips)))
     mine = shard_of(clips, args.shard)[:args.limit]
     todo = [c for c in mine if not sa.pose_file_complete(os.path.join(out, "poses", c.id + ".npy"))]
     log(f"{source} source {args.path}: {len(clips)} clips" + (f", shard {args.shard[0]}/{args.shard[1]}: "
@@ -208,6 +209,18 @@ def poses(args):
         log(f"{len(failures)} of {len(todo)} clips failed: see {os.path.join(out, name)}")
         return 1
     return 0
+
+
+def frame_aspect(clips):
+    """Width / height of the first readable clip's frames (the viewer draws x and y, fractions of the
+    image's sides, at this ratio); None if no clip can be read."""
+    for clip in clips[:10]:
+        try:
+            height, width = next(iter(sa.read_frames(clip.path))).shape[:2]
+            return round(width / height, 4)
+        except (sa.DataError, OSError, StopIteration):
+            continue
+    return None
 
 
 def write_annotations(out, clips):
@@ -734,22 +747,22 @@ HAND_EDGES = [(0, 1), (1, 2), (2, 3), (3, 4), (0, 5), (5, 6), (6, 7), (7, 8), (5
 BODY_EDGES = [(11, 12), (11, 13), (13, 15), (12, 14), (14, 16), (11, 23), (12, 24), (23, 24), (9, 10), (7, 8)]
 
 
-def load_extract(args, log, whole):
-    """The run's extraction of the split. Where it is missing, a `whole` split (its first --limit samples
-    where the mode has that option) is extracted and saved first; otherwise sample --sample is extracted
-    alone, in memory."""
+def load_extract(args, log, save):
+    """The run's extraction of the split. Where it is missing it is made first: the whole split, saved, when
+    `save`; else in memory only, sample --sample (plot) or the first --limit samples (view)."""
     run_dir = args.run or latest_run()
     path = os.path.join(run_dir, f"extract_{args.split}.pt")
     if os.path.exists(path):
         data = torch.load(path, weights_only=True)
-    elif whole:
+    elif save:
         log(f"{path} is missing: extracting the {args.split} split first")
-        opened = open_run(args, log)
-        data = write_extraction(opened, args.split, list(explain.METHODS), log, limit=getattr(args, "limit", None))[1]
+        data = write_extraction(open_run(args, log), args.split, list(explain.METHODS), log)[1]
     else:
-        log(f"extracting {args.split} sample {args.sample} (`python run.py extract` keeps the whole split)")
-        opened = open_run(args, log)
-        data = extract_samples(opened, args.split, list(explain.METHODS), log, only=[args.sample])
+        only = [args.sample] if hasattr(args, "sample") else None
+        log(f"extracting {args.split} " + (f"sample {args.sample}" if only else f"samples 0..{args.limit - 1}")
+            + " (`python run.py extract` keeps the whole split)")
+        data = extract_samples(open_run(args, log), args.split, list(explain.METHODS), log, limit=args.limit if not only
+                               else None, only=only)
     return run_dir, data, args.data or run_config(run_dir)["data_path"]
 
 
@@ -1233,6 +1246,7 @@ def pose_codes(points):
     """(F, P, 2) coordinates -> (codes, lo, hi): uint16 codes 0..4094 over the sample's extent, 4095 where a
     point was not detected, then each frame's codes minus the previous frame's (modulo 2**16), which
     deflate packs far tighter (the page adds them back up)."""
+    points = np.where(np.isfinite(points), points, np.nan)                       # inf is no place either
     lo, hi = np.nanmin(points, (0, 1)), np.nanmax(points, (0, 1))
     codes = np.round((points - lo) / np.maximum(hi - lo, 1e-12) * (POSE_LEVELS - 1))
     codes = np.where(np.isnan(codes), POSE_LEVELS, codes).astype(np.int64)
@@ -1258,11 +1272,12 @@ def view_sample(s, meta, data_path, alignments, packed):
     arrays["share"] = packed.add((video / (video + tokens).clamp(min=1e-12)).numpy())               # (L, n)
     if meta["ctc_trained"]:
         posteriors, vocab = s["gloss_posteriors"].float(), meta["gloss_vocab"]                      # (T, V)
-        keep = {i for i in range(4, len(vocab)) if posteriors[:, i].max() >= 0.1}
+        keep = set((torch.nonzero(posteriors[:, 4:].max(0).values >= 0.1)[:, 0] + 4).tolist())   # not the specials
         keep |= {vocab.index(g) for g in s["gloss_reference"] if g in vocab}
         keep = sorted(keep, key=lambda i: int(posteriors[:, i].argmax()))                # in order of their peaks
-        arrays["ctc"] = packed.add(np.round(posteriors[:, keep].numpy() * 255).astype(np.uint8))
-        entry["ctc_glosses"] = [vocab[i] for i in keep]
+        if keep:
+            arrays["ctc"] = packed.add(np.round(posteriors[:, keep].numpy() * 255).astype(np.uint8))
+            entry["ctc_glosses"] = [vocab[i] for i in keep]
     entry["arrays"] = arrays
     return entry
 
@@ -1276,15 +1291,18 @@ def perturb_tables(run_dir, split):
         with open(os.path.join(run_dir, name), encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
         columns = [c for c in rows[0] if f"{c}_low" in rows[0]] if rows else []
+        cells = lambda r, c: [float(r[c + suffix]) for suffix in ("", "_low", "_high")]
         table = dict(title=name[:-4].replace("_", " "), columns=columns, curves=None, top=1.0, rows=[
-            dict(method=r["method"], beats_random=r["beats_random"], **{c: [float(r[c]), float(r[f"{c}_low"]),
-                 float(r[f"{c}_high"])] for c in columns if r[c] != "nan"}) for r in rows])
+            dict(method=r["method"], beats_random=r["beats_random"],
+                 **{c: cells(r, c) for c in columns if all(map(math.isfinite, cells(r, c)))}) for r in rows])
         curves_path = os.path.join(run_dir, name[:-4] + "_curves.csv")
         if os.path.exists(curves_path):
             table["curves"] = {}
             with open(curves_path, encoding="utf-8") as f:
                 for r in csv.DictReader(f):
-                    table["curves"].setdefault(r["method"], {}).setdefault(r["direction"], []).append(float(r["score"]))
+                    score = float(r["score"])
+                    table["curves"].setdefault(r["method"], {}).setdefault(r["direction"], []).append(
+                        score if math.isfinite(score) else None)
         tables.append(table)
     return tables
 
@@ -1293,7 +1311,7 @@ def view(args):
     """RUN/view_<split>.html: view.html with the extraction's samples (the first --limit), the gloss segments
     and pose files of the data, the pointing game and the run's perturb tables."""
     start = time.time()
-    run_dir, data, data_path = load_extract(args, log, True)
+    run_dir, data, data_path = load_extract(args, log, args.limit is None)
     meta, samples = data["meta"], data["samples"][:args.limit]
     alignments, links = segment_sources(data, data_path)
     packed = Packed()
@@ -1303,21 +1321,26 @@ def view(args):
     if plausible and len(plausible["sample"]):
         pointing = dict(occurrences=len(plausible["sample"]), methods={
             m: [100 * float(plausible[m][0].mean()), 100 * float(plausible[m][1].mean())] for m in meta["methods"]})
-    fps = None
+    dataset = {}
     if os.path.exists(os.path.join(data_path, "metadata.json")):
         with open(os.path.join(data_path, "metadata.json"), encoding="utf-8") as f:
-            fps = json.load(f).get("fps")
+            dataset = json.load(f)
     page = dict(meta=dict(
         title=f"{run_dir}: {meta['split']} split, {len(samples)} samples, checkpoint of epoch {meta['epoch']}",
-        methods=meta["methods"], signed=[m for m in meta["methods"] if m in explain.SIGNED], fps=fps or 25,
+        methods=meta["methods"], signed=[m for m in meta["methods"] if m in explain.SIGNED],
+        fps=dataset.get("fps") or 25, aspect=dataset.get("aspect") or 1,
         pose_levels=POSE_LEVELS,
         points=dict(body=[0, 25], left=[25, 21], right=[46, 21], face=[67, len(sa.FACE_OVAL)]),
         perturb=perturb_tables(run_dir, meta["split"]), pointing=pointing), samples=entries)
-    text = json.dumps(page, ensure_ascii=False).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    text = json.dumps(page, ensure_ascii=False, allow_nan=False)
+    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")     # cannot close its script
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "view.html"), encoding="utf-8") as f:
         template = f.read()
+    script = template[template.rindex("<script>") + len("<script>"):template.rindex("</script>")]
+    digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
     path = os.path.join(run_dir, f"view_{meta['split']}.html")
-    write_text(path, template.replace("__VIEW_BLOB__", packed.encoded()).replace("__VIEW_DATA__", text))
+    write_text(path, template.replace("__SCRIPT_HASH__", f"sha256-{digest}").replace("__VIEW_BLOB__", packed.encoded())
+               .replace("__VIEW_DATA__", text))
     log(f"{len(samples)} samples, {os.path.getsize(path) / 1e6:.1f} MB, in {time.time() - start:.1f}s; open it in "
         "any browser, offline:")
     log(path)

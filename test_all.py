@@ -1797,6 +1797,55 @@ def test_view_in_a_real_browser(viewed_run, tmp_path):
     assert 200 < changed.sum() < 0.5 * changed.size                          # the signer and the playheads moved
 
 
+@needs_chromium
+def test_view_in_a_real_browser_with_awkward_samples(tiny_gsl, tmp_path):
+    """Samples the page must survive: a flat relevance row, one token and no pose file, a CTC head that puts
+    no gloss above 10%, and text that tries to be markup; each opens with no script error, and the markup
+    stays text."""
+    g = torch.Generator().manual_seed(0)
+    vocab = [sa.PAD, sa.UNK, sa.BOS, sa.EOS, "ΓΕΙΑ", "ΝΑΙ"]
+    pose_id = sorted(os.listdir(os.path.join(tiny_gsl, "poses")))[0][:-4]
+    T = (len(np.load(os.path.join(tiny_gsl, "poses", pose_id + ".npy"), mmap_mode="r")) + 1) // 2
+
+    def sample(sid, words, frames, blank=False):
+        n = len(words)
+        posteriors = torch.softmax(torch.randn(frames, len(vocab), generator=g), -1)
+        if blank:
+            posteriors = torch.zeros(frames, len(vocab))
+            posteriors[:, 0] = 1.0
+        return dict(id=sid, tokens=words, prediction=words[:-1], text_reference=words[:-1], frames=frames,
+                    gloss_reference=["ΑΓΝΩΣΤΟ"] if blank else ["ΓΕΙΑ"], gloss_prediction=["ΓΕΙΑ"],
+                    relevance={m: torch.randn(n, frames, generator=g) for m in ex.METHODS},
+                    attention=dict(decoder_cross=torch.softmax(torch.randn(2, 4, n, frames, generator=g), -1).half()),
+                    gloss_posteriors=posteriors.half(),
+                    branch_norms=dict(video=torch.rand(2, n, generator=g), tokens=torch.rand(2, n, generator=g)))
+    hostile = "</script><b>x</b>"
+    samples = [sample(pose_id, ["γεια", "σας", sa.EOS], T), sample("nopose", [sa.EOS], 7),
+               sample("blank", ["ναι", sa.EOS], 9, blank=True), sample("evil&<i>", [hostile, sa.EOS], 5)]
+    samples[0]["relevance"]["generic"][0] = 0.0                                    # a flat row
+    meta = dict(split="test", target="text", methods=list(ex.METHODS), epoch=1, gloss_vocab=vocab, ctc_trained=True,
+                data_config=asdict_data(subsample=2))
+    os.makedirs(tmp_path / "r")
+    torch.save(dict(meta=meta, samples=samples), tmp_path / "r" / "extract_test.pt")
+    with open(tmp_path / "r" / "config.json", "w") as f:
+        json.dump(dict(data_path=tiny_gsl), f)
+    result = run(["view", "r"], str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    _, page, _ = read_view(tmp_path / "r" / "view_test.html")
+    assert page["samples"][1]["pose"] is None and "ctc" not in page["samples"][2]["arrays"]
+    for index in range(4):
+        dom = chromium(f"file://{tmp_path}/r/view_test.html#sample={index}&token=0&method=generic&frame=3",
+                       tmp_path / "profile", "--dump-dom")
+        report = json.loads(re.search(r'<script id="self-report" type="application/json">(.*?)</script>',
+                                      dom.stdout, re.S).group(1))
+        assert report["ready"] and report["errors"] == [] and report["sample"] == index, (index, report)
+        if index == 0:
+            assert "generic · flat" in dom.stdout
+        if index == 3:
+            assert report["token_text"] == hostile and "<b>x</b>" not in dom.stdout
+            assert "&lt;/script&gt;&lt;b&gt;x&lt;/b&gt;" in dom.stdout
+
+
 # ----------------------------------------------------------------------------------------------------
 # review fixes: masks with holes, the caller's model left as it was, decoding, gloss-target runs
 # ----------------------------------------------------------------------------------------------------
