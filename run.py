@@ -138,14 +138,59 @@ def read_data(path, data_cfg, splits, skip_bad, log):
 
 
 def log(message):
-    print(message, flush=True)
+    """Progress for the user: printed by the first process only when torchrun starts several."""
+    if WORLD.main:
+        print(message, flush=True)
+
+
+class World:
+    """This process among the ones torchrun started (RANK, WORLD_SIZE, LOCAL_RANK); without torchrun, rank 0
+    of 1, and every method below is what one process would do."""
+
+    def __init__(self):
+        self.rank, self.size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.local = int(os.environ.get("LOCAL_RANK", 0))
+        self.main = self.rank == 0
+
+    def start(self, device):
+        """Join the process group (nccl on CUDA, gloo on the CPU) once; returns this process's device."""
+        if self.size > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda" and self.size > 1:
+            device = torch.device("cuda", self.local)
+            torch.cuda.set_device(device)
+        return device
+
+    def mine(self, items):
+        """This process's share: every size-th item from the rank-th on."""
+        return items[self.rank::self.size]
+
+    def gather(self, obj):
+        """Every process's `obj`, in rank order, on every process."""
+        if self.size == 1:
+            return [obj]
+        out = [None] * self.size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def first(self, obj):
+        """The first process's `obj` on every process (a run folder named by the clock, say)."""
+        return self.gather(obj)[0]
+
+    def wait(self):
+        """Until every process has come this far (the first one has written what the others read)."""
+        if self.size > 1:
+            torch.distributed.barrier()
+
+
+WORLD = World()
 
 
 def device_of(name):
     if name == "cuda" and not torch.cuda.is_available():
         raise sa.DataError("--device cuda: no CUDA device is available")
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
-                        ("cpu" if name == "auto" else name))
+    return WORLD.start(torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
+                                    ("cpu" if name == "auto" else name)))
 
 
 def to_device(batch, device):
@@ -333,52 +378,86 @@ def epochs_since_best(history, metric):
 
 def run_to_start(args, device, log):
     """(run folder, configuration, last checkpoint or None): the run --resume names, or a new one from the
-    preset and the flags, in a folder that holds no run yet."""
+    preset and the flags, in a folder that holds no run yet. The configuration records the processes."""
     if args.resume:
         state = sa.load_checkpoint(os.path.join(args.resume, "last.pt"), device)
-        config = state["config"]
+        config = dict(state["config"], world_size=WORLD.size)
         if args.epochs is not None:
             config["train"]["epochs"] = args.epochs
         log(f"resuming {args.resume} after epoch {state['epoch']}")
         return args.resume, config, state
-    config = resolve_config(args)
-    run_dir = args.out or new_run_dir(config)
+    config = dict(resolve_config(args), world_size=WORLD.size)
+    run_dir = WORLD.first(args.out or new_run_dir(config))        # a new run's name has the first process's time
     if os.path.exists(os.path.join(run_dir, "last.pt")):
         raise sa.DataError(f"{run_dir}: already holds a run (continue it with --resume {run_dir}, or pick another --out)")
     return run_dir, config, None
 
 
-def train_epoch(model, optimizer, dataset, train_cfg, epoch, steps_per_epoch, device):
+class Objective(torch.nn.Module):
+    """sa.training_loss as a module's forward, the call through which DistributedDataParallel averages the
+    processes' gradients."""
+
+    def __init__(self, model, cfg):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+
+    def forward(self, batch):
+        return sa.training_loss(self.model, batch, self.cfg.label_smoothing, self.cfg.ctc_weight)
+
+
+def objective_for(model, train_cfg, device):
+    """The training objective as a module; under torchrun wrapped in DistributedDataParallel (gloo on the
+    CPU, nccl on CUDA), which averages the processes' gradients."""
+    if WORLD.size == 1:
+        return Objective(model, train_cfg)
+    return torch.nn.parallel.DistributedDataParallel(
+        Objective(model, train_cfg), device_ids=[device] if device.type == "cuda" else None,
+        find_unused_parameters=train_cfg.ctc_weight == 0)                      # the gloss head then idles
+
+
+def train_epoch(model, objective, optimizer, dataset, train_cfg, epoch, steps_per_epoch, device):
     """One epoch over the training split; its data order, augmentation and dropout are drawn from (seed, epoch),
-    so a resumed run draws what an uninterrupted one would. Returns the mean loss per sample."""
-    torch.manual_seed(train_cfg.seed * 100003 + epoch)
-    generator = torch.Generator().manual_seed(train_cfg.seed * 100003 + epoch)
-    model.train()
+    so a resumed run draws what an uninterrupted one would. Under torchrun every process draws the same
+    global batches and takes its share of each (with its own augmentation and dropout); its loss is weighted
+    by its share, so the averaged gradient is the global batch's. Returns the mean loss per sample."""
+    seed = train_cfg.seed * 100003 + epoch
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    batches = dataset.batches(train_cfg.batch_size, generator, shuffle=True)
+    if WORLD.size > 1:
+        torch.manual_seed(seed * 1009 + WORLD.rank)
+        generator = torch.Generator().manual_seed(seed * 1009 + WORLD.rank)
+    objective.train()
     signcl, total, count = SignCL(), 0.0, 0
-    for b, indices in enumerate(dataset.batches(train_cfg.batch_size, generator, shuffle=True)):
+    for b, indices in enumerate(batches):
         step = (epoch - 1) * steps_per_epoch + b
         for group in optimizer.param_groups:
             group["lr"] = train_cfg.lr * lr_factor(step, steps_per_epoch, train_cfg)
-        batch = to_device(dataset.batch(indices, generator), device)
-        loss, memory = sa.training_loss(model, batch, train_cfg.label_smoothing, train_cfg.ctc_weight)
+        share = WORLD.mine(indices)
+        batch = to_device(dataset.batch(share or indices[:1], generator), device)     # a step for every process
+        loss, memory = objective(batch)
         if train_cfg.signcl > 0:
             margin = sign_cl.batch_margins(batch["src_mask"], batch["tgt_out"], model.pad_id)
             loss = loss + train_cfg.signcl * signcl(memory, margin, batch["src_mask"], generator)
+        total, count = total + loss.item() * len(share), count + len(share)
+        if WORLD.size > 1:
+            loss = loss * (len(share) * WORLD.size / len(indices))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if train_cfg.grad_clip > 0:                                # clipping at 0 would zero every gradient
             torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
         optimizer.step()
-        total, count = total + loss.item() * len(indices), count + len(indices)
-    return total / count
+    totals = WORLD.gather((total, count))
+    return sum(t for t, _ in totals) / sum(c for _, c in totals)
 
 
 def train(args):
     device = device_of(args.device)
     run_dir, config, state = run_to_start(args, device, log)
-    train_cfg = TrainConfig(**config["train"])
-    data_path = config["data_path"]
-    ensure_data(data_path, log)
+    train_cfg, data_path = TrainConfig(**config["train"]), config["data_path"]
+    if WORLD.main:
+        ensure_data(data_path, log)
+    WORLD.wait()
     start = time.time()
     records = read_data(data_path, sa.DataConfig(**config["data"]), sa.SPLITS, args.skip_bad, log)
     torch.manual_seed(train_cfg.seed)
@@ -393,28 +472,32 @@ def train(args):
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         history, first_epoch = state["history"], state["epoch"] + 1
-    os.makedirs(run_dir, exist_ok=True)
-    write_json(os.path.join(run_dir, "config.json"), config)
+    objective = objective_for(model, train_cfg, device)
+    if WORLD.main:
+        os.makedirs(run_dir, exist_ok=True)
+        write_json(os.path.join(run_dir, "config.json"), config)
     log(f"run {run_dir}: {sum(len(r) for r in records.values())} samples "
         f"({', '.join(f'{s} {len(r)}' for s, r in records.items())}) read in {time.time() - start:.1f}s, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}")
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}"
+        + (f", {WORLD.size} processes" if WORLD.size > 1 else ""))
     best = (min if train_cfg.select in LOWER_IS_BETTER else max)(
         (h[train_cfg.select] for h in history), default=None)
     stop_on = train_cfg.stop_on or train_cfg.select
     epoch_times = []
     for epoch in range(first_epoch, train_cfg.epochs + 1):
         tic = time.time()
-        loss = train_epoch(model, optimizer, datasets["train"], train_cfg, epoch, steps_per_epoch, device)
+        loss = train_epoch(model, objective, optimizer, datasets["train"], train_cfg, epoch, steps_per_epoch, device)
         val = evaluate(model, datasets["val"], train_cfg, device, beam=1)
         record = dict(epoch=epoch, loss=loss, **val["metrics"], seconds=time.time() - tic)
         history.append(record)
         improved = is_better(train_cfg.select, record[train_cfg.select], best)
-        state = sa.training_state(model, optimizer, config, gloss_vocab, text_vocab, epoch, history)
-        if improved:
-            best = record[train_cfg.select]
-            sa.save_checkpoint(os.path.join(run_dir, "best.pt"), state)
-        sa.save_checkpoint(os.path.join(run_dir, "last.pt"), state)
-        write_metrics(os.path.join(run_dir, "metrics.jsonl"), history)
+        best = record[train_cfg.select] if improved else best
+        if WORLD.main:                                   # every process holds the same model and metrics
+            state = sa.training_state(model, optimizer, config, gloss_vocab, text_vocab, epoch, history)
+            if improved:
+                sa.save_checkpoint(os.path.join(run_dir, "best.pt"), state)
+            sa.save_checkpoint(os.path.join(run_dir, "last.pt"), state)
+            write_metrics(os.path.join(run_dir, "metrics.jsonl"), history)
         epoch_times.append(time.time() - tic)
         eta = sum(epoch_times) / len(epoch_times) * (train_cfg.epochs - epoch)
         log(f"epoch {epoch:3d}/{train_cfg.epochs}  loss {record['loss']:.3f}  "
@@ -423,6 +506,7 @@ def train(args):
         if train_cfg.patience and epochs_since_best(history, stop_on) >= train_cfg.patience:
             log(f"early stop: no better validation {stop_on} for {train_cfg.patience} epochs")
             break
+    WORLD.wait()                                         # best.pt is written
     report(run_dir, datasets, train_cfg, device, log, data_path)
     log(f"done in {format_time(time.time() - start)}; run folder {run_dir}")
 
@@ -457,35 +541,17 @@ def evaluate(model, dataset, train_cfg, device, beam=None, alignments=None, batc
 
     Gloss predictions come from the decoder when it writes glosses, otherwise from the CTC head. With
     `alignments` ({id: segments}), SDR is measured on the encoder features at the gloss segment centres.
+    Under torchrun each process decodes every size-th batch (the batches one process would make) and every
+    process gathers the results in batch order, so the metrics are a one-process evaluation's.
     """
     model.eval()
     beam = train_cfg.beam if beam is None else beam
     target = dataset.cfg.target
+    mine = [(number, evaluate_batch(model, dataset, indices, train_cfg, device, beam, alignments))
+            for number, indices in WORLD.mine(list(enumerate(dataset.batches(batch_size))))]
     rows, correct, tokens, loss, features, labels = [], 0, 0, 0.0, [], []
-    for indices in dataset.batches(batch_size):
-        batch = to_device(dataset.batch(indices), device)
-        memory = model.encode(batch["src"], batch["src_mask"])
-        logits = model.decode(memory, batch["src_mask"], batch["tgt_in"])
-        real = batch["tgt_out"] != model.pad_id
-        correct += int(((logits.argmax(-1) == batch["tgt_out"]) & real).sum())
-        tokens += int(real.sum())
-        loss += float(F.cross_entropy(logits.flatten(0, 1), batch["tgt_out"].flatten(), ignore_index=model.pad_id,
-                                      label_smoothing=train_cfg.label_smoothing, reduction="sum"))
-        out = sa.beam_search(model, batch["src"], batch["src_mask"], beam, train_cfg.alpha,
-                             dataset.cfg.max_tokens + 1, memory)
-        predictions = [" ".join(dataset.target_vocab.decode(o)) for o in out.tolist()]
-        gloss_logits = model.gloss_logits(memory)
-        ctc = [" ".join(dataset.gloss_vocab.decode(g)) for g in sa.ctc_decode(gloss_logits, batch["src_mask"])]
-        for b, i in enumerate(indices):
-            r = dataset.records[i]
-            rows.append(dict(id=r.id, gloss_reference=" ".join(r.gloss),
-                             gloss_prediction=predictions[b] if target == "gloss" else ctc[b],
-                             text_reference=" ".join(r.text),
-                             text_prediction=predictions[b] if target == "text" else ""))
-            if alignments is not None:
-                f, l = sign_cl.frame_labels(memory[b], gloss_logits[b], batch["src_mask"][b], r, dataset, alignments)
-                features += f
-                labels += l
+    for _, (r, c, n, l, f, g) in sorted((item for part in WORLD.gather(mine) for item in part), key=lambda x: x[0]):
+        rows, correct, tokens, loss, features, labels = rows + r, correct + c, tokens + n, loss + l, features + f, labels + g
     hyps = [r[f"{target}_prediction"] for r in rows]
     refs = [r[f"{target}_reference"] for r in rows]
     metrics = sa.translation_metrics(hyps, refs)
@@ -493,8 +559,36 @@ def evaluate(model, dataset, train_cfg, device, beam=None, alignments=None, batc
     metrics["accuracy"] = 100.0 * correct / max(1, tokens)
     metrics["ce"] = loss / max(1, tokens)
     if features:
-        metrics["sdr"] = sdr(torch.stack(features).cpu(), labels)
+        metrics["sdr"] = sdr(torch.stack(features), labels)
     return dict(metrics=metrics, rows=rows)
+
+
+def evaluate_batch(model, dataset, indices, train_cfg, device, beam, alignments):
+    """(rows, correct tokens, tokens, summed cross-entropy, SDR features (on the CPU), their labels) of a batch."""
+    target = dataset.cfg.target
+    batch = to_device(dataset.batch(indices), device)
+    memory = model.encode(batch["src"], batch["src_mask"])
+    logits = model.decode(memory, batch["src_mask"], batch["tgt_in"])
+    real = batch["tgt_out"] != model.pad_id
+    correct, tokens = int(((logits.argmax(-1) == batch["tgt_out"]) & real).sum()), int(real.sum())
+    loss = float(F.cross_entropy(logits.flatten(0, 1), batch["tgt_out"].flatten(), ignore_index=model.pad_id,
+                                 label_smoothing=train_cfg.label_smoothing, reduction="sum"))
+    out = sa.beam_search(model, batch["src"], batch["src_mask"], beam, train_cfg.alpha, dataset.cfg.max_tokens + 1,
+                         memory)
+    predictions = [" ".join(dataset.target_vocab.decode(o)) for o in out.tolist()]
+    gloss_logits = model.gloss_logits(memory)
+    ctc = [" ".join(dataset.gloss_vocab.decode(g)) for g in sa.ctc_decode(gloss_logits, batch["src_mask"])]
+    rows, features, labels = [], [], []
+    for b, i in enumerate(indices):
+        r = dataset.records[i]
+        rows.append(dict(id=r.id, gloss_reference=" ".join(r.gloss),
+                         gloss_prediction=predictions[b] if target == "gloss" else ctc[b],
+                         text_reference=" ".join(r.text), text_prediction=predictions[b] if target == "text" else ""))
+        if alignments is not None:
+            f, l = sign_cl.frame_labels(memory[b], gloss_logits[b], batch["src_mask"][b], r, dataset, alignments)
+            features += [x.cpu() for x in f]
+            labels += l
+    return rows, correct, tokens, loss, features, labels
 
 
 def report(run_dir, datasets, train_cfg, device, log, data_path, splits=("val", "test")):
@@ -506,18 +600,19 @@ def report(run_dir, datasets, train_cfg, device, log, data_path, splits=("val", 
         start = time.time()
         out = evaluate(model, datasets[split], train_cfg, device, alignments=segments)
         results[split] = dict(out["metrics"], seconds=time.time() - start, samples=len(datasets[split]))
-        if split == "test" or len(splits) == 1:
+        if WORLD.main and (split == "test" or len(splits) == 1):
             write_translations(os.path.join(run_dir, "translations.csv" if split == "test"
                                             else f"translations_{split}.csv"), out["rows"])
     log(results_table(results, datasets[splits[0]].cfg.target, train_cfg.beam))
     _, signature = sa.bleu(["a"], ["a"])
     log(f"sacrebleu: {signature}")
-    previous = {}
     path = os.path.join(run_dir, "results.json")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            previous = json.load(f)
-    write_json(path, {**previous, **results})
+    if WORLD.main:
+        previous = {}
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                previous = json.load(f)
+        write_json(path, {**previous, **results})
     return results
 
 
@@ -610,16 +705,19 @@ def write_extraction(opened, split, methods, log, beam=None, batch_size=16, limi
     data = extract_samples(opened, split, methods, log, beam, batch_size, limit)
     data["samples"] = [s for s in data["samples"] if s is not None]
     path = os.path.join(data["meta"]["run"], f"extract_{split}.pt")
-    sa.save_checkpoint(path, data)
-    log("seconds per sample: " + ", ".join(f"{m} {t:.3f}" for m, t in data["meta"]["seconds_per_sample"].items()))
-    log(f"wrote {path} ({len(data['samples'])} samples, {os.path.getsize(path) / 1e6:.1f} MB)")
+    if WORLD.main:                                               # under torchrun: the one merged file
+        sa.save_checkpoint(path, data)
+        log("seconds per sample: " + ", ".join(f"{m} {t:.3f}" for m, t in data["meta"]["seconds_per_sample"].items()))
+        log(f"wrote {path} ({len(data['samples'])} samples, {os.path.getsize(path) / 1e6:.1f} MB)")
+    WORLD.wait()
     return path, data
 
 
 def extract_samples(opened, split, methods, log, beam=None, batch_size=16, limit=None, only=None):
     """{'meta': ..., 'samples': [one dict per sample of the split, None where not extracted]} for open_run's
     result: the first `limit` samples (default: all), or the sample indices `only`, in length-sorted batches;
-    beam None is the run's."""
+    beam None is the run's. Under torchrun each process explains every size-th batch, and every process
+    gathers all samples (seconds: the processes' compute time per sample)."""
     run_dir, model, dataset, train_cfg, state, device = opened
     beam = train_cfg.beam if beam is None else beam
     target = dataset.target_vocab
@@ -632,7 +730,8 @@ def extract_samples(opened, split, methods, log, beam=None, batch_size=16, limit
             raise sa.DataError(f"--sample {', '.join(map(str, only))}: the {split} split holds samples "
                                f"0..{len(dataset) - 1}")
         batches = [list(only)]
-    total = sum(len(b) for b in batches)
+    total, batches = sum(len(b) for b in batches), WORLD.mine(batches)
+    share = sum(len(b) for b in batches)
     work = lambda indices: sum(len(dataset.records[i].frames) for i in indices)     # batches grow longer
     total_work, start, done, done_work = work(sum(batches, [])), time.time(), 0, 0
     for indices in batches:
@@ -641,8 +740,13 @@ def extract_samples(opened, split, methods, log, beam=None, batch_size=16, limit
             samples[i] = sample
         done, done_work = done + len(indices), done_work + work(indices)
         spent = time.time() - start
-        log(f"extract {split}: {done}/{total} samples  {done / spent:.2f} samples/s  "
-            f"ETA {format_time(spent * (total_work - done_work) / done_work)}")
+        log(f"extract {split}: {done}/{share} samples" + (f" of the first process ({total} in all)" if WORLD.size > 1
+                                                          else "")
+            + f"  {done / spent:.2f} samples/s  ETA {format_time(spent * (total_work - done_work) / done_work)}")
+    seconds = {m: sum(part[m] for part in WORLD.gather(seconds)) for m in methods}
+    for part in WORLD.gather([(i, samples[i]) for indices in batches for i in indices]):
+        for i, sample in part:
+            samples[i] = sample
     meta = dict(run=run_dir, split=split, epoch=state["epoch"], methods=methods, beam=beam,
                 data_config=asdict(model.data_config), gloss_vocab=state["gloss_vocab"], target=dataset.cfg.target,
                 target_vocab=target.itos, ctc_trained=train_cfg.ctc_weight > 0,
@@ -657,6 +761,10 @@ def bench(args):
     methods = method_list(args.methods)
     if args.perturb:
         return bench_perturbation(model, dataset, methods, args.limit, device, log)
+    if args.train:
+        return bench_training(model.cfg, dataset, train_cfg, args.batch_size, device)
+    if args.lengths:
+        return bench_lengths(model, dataset, methods, device)
     batches = length_sorted_batches(dataset, args.batch_size, args.limit)
     inputs = []
     for indices in batches:
@@ -736,6 +844,123 @@ def bench_perturbation(model, dataset, methods, limit, device, log):
         differ = int(((fast != slow) & ~fast.isnan() & ~tied).sum())
         log(f"{method:>24}  {batched:16.4f}  {loop:13.4f}  {loop / batched:7.1f}x  {differ:13d}  "
             f"{int((tied & ~fast.isnan()).sum()):9d}")
+
+
+def bench_training(cfg, dataset, train_cfg, batch_size, device, batches=6, repeats=5):
+    """Our training step (forward, backward, AdamW) against the same translator on torch.nn.Transformer's
+    layers (sa.TorchTransformerTranslator), on the same batches with the same loss: interleaved step by
+    step after a warm-up, the median of every step's seconds, and their ratio."""
+    torch.manual_seed(0)
+    models = {"ours": sa.SignTranslator(cfg), "nn.Transformer": sa.TorchTransformerTranslator(cfg)}
+    optimizers = {name: torch.optim.AdamW(m.to(device).train().parameters(), lr=1e-4) for name, m in models.items()}
+    inputs = [to_device(dataset.batch(indices), device) for indices in dataset.batches(batch_size)[:batches]]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step(name, batch):
+        sync()
+        tic = time.perf_counter()
+        loss, _ = sa.training_loss(models[name], batch, train_cfg.label_smoothing, train_cfg.ctc_weight)
+        optimizers[name].zero_grad(set_to_none=True)
+        loss.backward()
+        optimizers[name].step()
+        sync()
+        return time.perf_counter() - tic
+    for batch in inputs[:2]:                                               # warm-up
+        for name in models:
+            step(name, batch)
+    seconds = {name: [] for name in models}
+    for _ in range(repeats):
+        for batch in inputs:
+            for name in models:
+                seconds[name].append(step(name, batch))
+    ours, theirs = (float(np.median(seconds[name])) for name in models)
+    size = sum(p.numel() for p in models["ours"].parameters()) / 1e6
+    log(f"training step on {len(inputs)} batches of {batch_size} x {repeats} repeats, {size:.2f}M parameters each, "
+        f"device {device}, median seconds per step:")
+    log(f"  ours {ours * 1e3:.1f} ms   nn.Transformer {theirs * 1e3:.1f} ms   ours / nn.Transformer {ours / theirs:.2f}")
+
+
+def peak_memory(device):
+    """A function that starts a measurement and returns the peak memory since (MB): CUDA's allocator, or on
+    Linux the process's peak resident size, reset through /proc/self/clear_refs after glibc's free memory is
+    handed back (and bench_lengths has glibc hand back every block over 64 kB when it is freed, so that the
+    resident size follows the tensors alive); None where neither exists."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        return lambda: (torch.cuda.max_memory_allocated(device) - base) / 1e6
+    try:
+        if sys.platform == "linux":                  # free pages back to the system, so that reuse shows
+            import ctypes
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")                                               # the peak starts again from now
+        status = lambda key: int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1])
+        base = status("VmRSS:")
+        return lambda: (status("VmHWM:") - base) / 1e3
+    except OSError:
+        return lambda: None
+
+
+def bench_lengths(model, dataset, methods, device, lengths=(50, 100, 200, 400, 600)):
+    """Each method's seconds per explained token and peak memory as one sample's video grows (its frames
+    stretched to T model frames, its tokens kept), with the exponent of a power law fitted over T; the floor
+    is one forward and one backward of the model per token."""
+    first = dataset.batch(list(range(min(20, len(dataset)))))          # the sample with the most tokens of 20
+    longest = int(sa.greedy_decode(model, first["src"].to(device), first["src_mask"].to(device),
+                                   dataset.cfg.max_tokens + 1).ne(model.pad_id).sum(1).argmax())
+    batch = to_device(dataset.batch([longest]), device)
+    out = sa.greedy_decode(model, batch["src"], batch["src_mask"], dataset.cfg.max_tokens + 1)
+    n = int((out != model.pad_id).sum())
+    rows = {m: ([], []) for m in ["floor"] + methods}
+    for measure in ("seconds", "memory"):                # memory second: its allocator setting slows everything
+        if measure == "memory" and device.type == "cpu" and sys.platform == "linux":
+            import ctypes
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)              # M_MMAP_THRESHOLD: fixed at 64 kB
+        for T in lengths:
+            frames = batch["src"][:, torch.linspace(0, batch["src"].shape[1] - 1, T, device=device).round().long()]
+            mask = torch.ones(1, T, dtype=torch.bool, device=device)
+            for m in ["floor"] + methods:
+                run_once = (lambda: floor_pass(model, frames, mask, out)) if m == "floor" else \
+                    (lambda: explain.explain(model, frames, mask, out, m))
+                run_once()                                                # warm-up
+                if measure == "memory":
+                    peak = peak_memory(device)
+                    run_once()
+                    rows[m][1].append(peak())
+                    continue
+                seconds = []
+                for _ in range(3):
+                    tic = time.perf_counter()
+                    run_once()
+                    seconds.append(time.perf_counter() - tic)
+                rows[m][0].append(float(np.median(seconds)) / n)
+    def fit(values, least):                        # a power law's exponent, over the values of at least `least`
+        keep = [(T, v) for T, v in zip(lengths, values) if v is not None and v >= least]
+        if len(keep) < 2:
+            return float("nan")
+        return float(np.polyfit(np.log([T for T, _ in keep]), np.log([v for _, v in keep]), 1)[0])
+
+    log(f"test sample {longest} ({n} tokens), its frames stretched to T model frames, device {device}: seconds per "
+        f"token (median of 3), peak memory above the start (MB), and the exponent of each against T (memory: over "
+        f"the values of 1 MB or more):")
+    log(f"{'method':>24}  " + "  ".join(f"{f's/tok T={T}':>11}" for T in lengths) + "  time^  "
+        + "  ".join(f"{f'MB T={T}':>9}" for T in lengths) + "  mem^  x floor")
+    for m, (times, memory) in rows.items():
+        known = all(v is not None for v in memory)
+        log(f"{m:>24}  " + "  ".join(f"{t:11.5f}" for t in times) + f"  {fit(times, 1e-6):5.2f}  "
+            + "  ".join(f"{v:9.1f}" if v is not None else f"{'-':>9}" for v in memory)
+            + (f"  {fit(memory, 1.0):4.2f}" if known else f"  {'-':>4}")
+            + f"  {times[-1] / rows['floor'][0][-1]:7.1f}")
+
+
+def floor_pass(model, src, mask, out):
+    """One forward and one backward per explained token: the least a gradient method costs."""
+    tgt_in = sa.shift_right(out, model.bos_id)
+    for t in range(int((out != model.pad_id).sum())):
+        src = src.detach().requires_grad_(True)
+        logits = model(src, mask, tgt_in)
+        logits[0, t, out[0, t]].backward()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1370,7 +1595,7 @@ def perturb_samples(args, opened, methods, log):
         log(f"{path} holds {why}: explaining {count} samples now")
     data = extract_samples(opened, args.split, methods, log, limit=count)
     data["samples"] = data["samples"][:count]
-    if count == len(dataset) and set(methods) >= set(explain.METHODS) and not os.path.exists(path):
+    if WORLD.main and count == len(dataset) and set(methods) >= set(explain.METHODS) and not os.path.exists(path):
         sa.save_checkpoint(path, data)
         log(f"wrote {path} (`python run.py plot` reads it)")
     return data
@@ -1397,7 +1622,7 @@ class Progress:
         eta = spent / share * (1 - share) + per_method * (len(self.methods) - self.index - 1)
         line = (f"perturb {self.level}  {self.method:<24} ({self.index + 1}/{len(self.methods)})  fraction "
                 f"{explain.FRACTIONS[f]:.1f}  {100 * share:3.0f}% of the method  ETA {format_time(eta)}")
-        if self.tty:
+        if self.tty and WORLD.main:
             print("\r" + line.ljust(100), end="\n" if done == total else "", flush=True)
         elif done == total or time.time() - self.printed >= 10:
             self.log(line)
@@ -1414,7 +1639,7 @@ def perturb(args):
     opened = open_run(args, log)
     run_dir, model, dataset, _, state, device = opened
     data = perturb_samples(args, opened, methods, log)
-    samples, meta = data["samples"], data["meta"]
+    samples = data["samples"]
     plausibility = explain.plausibility(data, *segment_sources(data, args.data or state["config"]["data_path"]),
                                         methods)
     B, target = len(samples), dataset.target_vocab
@@ -1429,24 +1654,17 @@ def perturb(args):
             if not torch.isfinite(s["relevance"][m]).all():
                 raise sa.DataError(f"{run_dir}: the {m} relevance of sample {s['id']} holds NaN or infinite values")
     out = explain.token_ids(samples, target, device)
-    references = [" ".join(s[f"{meta['target']}_reference"]) for s in samples]
     seed = 0 if args.seed is None else args.seed
-    progress = Progress(methods, args.level, log)
     log(f"{run_dir}: {B} {args.split} samples, {len(methods)} methods, {args.level} level, frames removed by "
-        f"{'the key mask' if args.perturb_mode == 'mask' else 'zeroing'}, fractions 0..0.9")
-    curves, stats = {}, {}
-    for method in methods:
-        R = explain.padded_relevance(samples, method, out.shape[1], src.shape[1], device)
-        progress.begin(method)
-        if args.level == "token":
-            scores = explain.token_perturbation(model, src, mask, out, R, mode=args.perturb_mode,
-                                                seed=seed, progress=progress)
-            curves[method] = scores.nanmean(1).double().cpu()                # (B, 2, P): mean over tokens
-        else:
-            decoded = explain.sentence_perturbation(model, src, mask, R, out != target.pad_id,
-                                                    dataset.cfg.max_tokens + 1, mode=args.perturb_mode, seed=seed,
-                                                    progress=progress)
-            curves[method], stats[method] = explain.sentence_scores(decoded.cpu(), references, target)
+        f"{'the key mask' if args.perturb_mode == 'mask' else 'zeroing'}, fractions 0..0.9"
+        + (f", methods shared among {WORLD.size} processes" if WORLD.size > 1 else ""))
+    curves, stats = {}, {}                  # under torchrun each process tests every size-th method, as one would
+    for part in WORLD.gather(perturb_methods(args, model, dataset, samples, WORLD.mine(methods), src, mask, out, seed)):
+        curves.update(part[0])
+        stats.update(part[1])
+    curves, stats = {m: curves[m] for m in methods}, {m: stats[m] for m in methods if m in stats}
+    if not WORLD.main:
+        return
     rows = explain.perturb_table(curves, stats, plausibility, args.bootstrap, seed)
     stem = os.path.join(run_dir, f"perturb_{args.split}_{args.level}" + ("_zero" if args.perturb_mode == "zero" else "")
                         + (f"_first{B}" if B < len(dataset) else "") + ("_" + "+".join(methods) if named else ""))
@@ -1460,6 +1678,26 @@ def perturb(args):
     for path in written:
         log(path)
     log(f"perturbation tests of {len(methods)} methods on {B} samples in {format_time(time.time() - start)}")
+
+
+def perturb_methods(args, model, dataset, samples, methods, src, mask, out, seed):
+    """({method: (B, 2, P) scores, the mean over tokens}, {method: BLEU statistics} at sentence level)."""
+    target, curves, stats = dataset.target_vocab, {}, {}
+    references = [" ".join(s[f"{dataset.cfg.target}_reference"]) for s in samples]
+    progress = Progress(methods, args.level, log)
+    for method in methods:
+        R = explain.padded_relevance(samples, method, out.shape[1], src.shape[1], src.device)
+        progress.begin(method)
+        if args.level == "token":
+            scores = explain.token_perturbation(model, src, mask, out, R, mode=args.perturb_mode, seed=seed,
+                                                progress=progress)
+            curves[method] = scores.nanmean(1).double().cpu()                # (B, 2, P): mean over tokens
+        else:
+            decoded = explain.sentence_perturbation(model, src, mask, R, out != target.pad_id,
+                                                    dataset.cfg.max_tokens + 1, mode=args.perturb_mode, seed=seed,
+                                                    progress=progress)
+            curves[method], stats[method] = explain.sentence_scores(decoded.cpu(), references, target)
+    return curves, stats
 
 
 def clean_score(curves, stats):
@@ -1707,6 +1945,10 @@ def add_explanation_modes(sub, shared):
         else:
             x.add_argument("--perturb", action="store_true",
                            help="time the token-level perturbation tests instead, against one forward per removal")
+            x.add_argument("--train", action="store_true",
+                           help="time our training step against the same model on torch.nn.Transformer's layers")
+            x.add_argument("--lengths", action="store_true",
+                           help="each method's seconds per token and peak memory for 50 to 600 frames")
     figures = Parser(add_help=False)       # the modes that draw
     figures.add_argument("run", nargs="?", help="run folder (default: the most recent under runs/)")
     figures.add_argument("--data", help="dataset folder (default: the run's)")
@@ -1745,6 +1987,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return status or 0                             # poses: 1 when a clip could not be read
 
 

@@ -1052,7 +1052,8 @@ class Vocabulary:
 
 def gloss_links(pairs, threshold=0.6):
     """Which gloss each text word realises, learnt from (gloss list, text list) pairs: the gloss with the
-    highest Dice coefficient over sentences, kept where it reaches `threshold` (function words find none)."""
+    highest Dice coefficient over sentences (of equal ones, the first in sorting order), kept where it reaches
+    `threshold` (function words find none)."""
     word_count, gloss_count, both = {}, {}, {}
     for gloss, text in pairs:
         for g in set(gloss):
@@ -1062,7 +1063,7 @@ def gloss_links(pairs, threshold=0.6):
             for g in set(gloss):
                 both[w, g] = both.get((w, g), 0) + 1
     links = {}
-    for (w, g), n in both.items():
+    for (w, g), n in sorted(both.items()):              # sorted: a tie goes to the first gloss, in every process
         dice = 2 * n / (word_count[w] + gloss_count[g])
         if dice >= threshold and dice > links.get(w, (None, 0))[1]:
             links[w] = (g, dice)
@@ -1416,6 +1417,33 @@ class SignTranslator(nn.Module):
 
     def forward(self, src, src_mask, tgt_in):
         return self.decode(self.encode(src, src_mask), src_mask, tgt_in)
+
+
+class TorchTransformerTranslator(SignTranslator):
+    """The same translator on torch.nn.Transformer's encoder and decoder layers (fused attention, no map
+    kept): embedder, positions, token embedding, heads, sizes and dropout as SignTranslator's. It is the
+    baseline that `python run.py bench --train` times our training step against."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        d = cfg.d_model
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(
+            d, cfg.heads, cfg.feedforward, cfg.dropout, batch_first=True, norm_first=cfg.norm_first),
+            cfg.encoder_layers, enable_nested_tensor=False)
+        self.decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(
+            d, cfg.heads, cfg.feedforward, cfg.dropout, batch_first=True, norm_first=cfg.norm_first), cfg.decoder_layers)
+
+    def encode(self, src, src_mask, positions=None):
+        x = self.pos_drop(self.embed(src) + sinusoid(src.shape[1], self.cfg.d_model, src.device))
+        return self.encoder_norm(self.encoder(x, src_key_padding_mask=~src_mask))
+
+    def decode(self, memory, src_mask, tgt_in):
+        n = tgt_in.shape[1]
+        y = self.token_embed(tgt_in) * math.sqrt(self.cfg.d_model) + sinusoid(n, self.cfg.d_model, tgt_in.device)
+        causal = nn.Transformer.generate_square_subsequent_mask(n, device=tgt_in.device)
+        y = self.decoder(self.pos_drop(y), memory, tgt_mask=causal, tgt_is_causal=True,
+                         memory_key_padding_mask=~src_mask)
+        return self.head(self.decoder_norm(y))
 
 
 def training_loss(model, batch, label_smoothing=0.0, ctc_weight=0.0):
