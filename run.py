@@ -586,7 +586,7 @@ def evaluate_batch(model, dataset, indices, train_cfg, device, beam, alignments)
                          text_reference=" ".join(r.text), text_prediction=predictions[b] if target == "text" else ""))
         if alignments is not None:
             f, l = sign_cl.frame_labels(memory[b], gloss_logits[b], batch["src_mask"][b], r, dataset, alignments)
-            features += [x.cpu() for x in f]
+            features += [x.detach().cpu().clone() for x in f]       # not views: a view pickles its whole batch
             labels += l
     return rows, correct, tokens, loss, features, labels
 
