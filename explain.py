@@ -705,6 +705,12 @@ def token_segments(sample, alignments, k, target, links):
     return [(t, *once[links[w]]) for t, w in enumerate(sample["tokens"]) if links.get(w) in once]
 
 
+def video_share(branch_norms):
+    """(L, n) each decoding step's video share per layer: |cross-attention output| / (|cross| + |self|)."""
+    video, tokens = branch_norms["video"].float(), branch_norms["tokens"].float()
+    return video / (video + tokens).clamp(min=1e-12)
+
+
 def global_numbers(data, alignments, links, correct_only):
     """The numbers behind the global figures, over the samples whose prediction equals the reference
     (correct_only) or over all samples; 'diagonality' is each decoder layer's mean over the samples of two
@@ -727,8 +733,7 @@ def global_numbers(data, alignments, links, correct_only):
         for l in range(layers):
             if words >= 2:
                 out["diagonality"][l].append(diagonality(cross[l, :words]))
-        video, prev = s["branch_norms"]["video"].float(), s["branch_norms"]["tokens"].float()
-        share = (video / (video + prev).clamp(min=1e-12)).mean(0)
+        share = video_share(s["branch_norms"]).mean(0)
         out["reliance"].setdefault(length, []).append(share)
         enc = s["attention"]["encoder_self"].float().mean(1)
         out["offsets"].append(torch.stack([offset_profile(a, 10) for a in enc]))

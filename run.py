@@ -230,10 +230,7 @@ def poses(args):
     out = args.out or os.path.join("data", os.path.basename(os.path.normpath(args.path)))
     version = sa.mediapipe_version()
     os.makedirs(os.path.join(out, "poses"), exist_ok=True)
-    for name in os.listdir(os.path.join(out, "poses")):        # a kill mid-write: a file lives milliseconds
-        stale = os.path.join(out, "poses", name)
-        if ".npy.tmp" in name and time.time() - os.path.getmtime(stale) > 600:
-            os.remove(stale)
+    sa.remove_stale_temporaries(os.path.join(out, "poses"))
     write_json(os.path.join(out, "metadata.json"), dict(
         name=os.path.basename(os.path.normpath(args.path)), source=source, source_path=os.path.abspath(args.path),
         keypoints="MediaPipe Holistic: 33 pose, 468 face, 21 left hand, 21 right hand; x, y in image units, z "
@@ -329,11 +326,6 @@ def worker_init(parent):
     threading.Thread(target=watch, daemon=True).start()
 
 
-def csv_text(rows):
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerows(rows)
-    return buffer.getvalue()
-
 
 # ----------------------------------------------------------------------------------------------------
 # Training
@@ -352,6 +344,12 @@ def lr_factor(step, steps_per_epoch, cfg):
 def write_text(path, text):
     """Write a UTF-8 text file atomically: a reader sees the old file or the new one, never a part."""
     sa.atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def csv_text(rows):
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    return buffer.getvalue()
 
 
 def write_json(path, obj):
@@ -551,7 +549,10 @@ def evaluate(model, dataset, train_cfg, device, beam=None, alignments=None, batc
             for number, indices in WORLD.mine(list(enumerate(dataset.batches(batch_size))))]
     rows, correct, tokens, loss, features, labels = [], 0, 0, 0.0, [], []
     for _, (r, c, n, l, f, g) in sorted((item for part in WORLD.gather(mine) for item in part), key=lambda x: x[0]):
-        rows, correct, tokens, loss, features, labels = rows + r, correct + c, tokens + n, loss + l, features + f, labels + g
+        rows += r
+        features += f
+        labels += g
+        correct, tokens, loss = correct + c, tokens + n, loss + l
     hyps = [r[f"{target}_prediction"] for r in rows]
     refs = [r[f"{target}_reference"] for r in rows]
     metrics = sa.translation_metrics(hyps, refs)
@@ -617,12 +618,8 @@ def report(run_dir, datasets, train_cfg, device, log, data_path, splits=("val", 
 
 
 def write_translations(path, rows):
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, ["id", "gloss_reference", "gloss_prediction", "text_reference",
-                                     "text_prediction"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(path, buffer.getvalue())
+    columns = ["id", "gloss_reference", "gloss_prediction", "text_reference", "text_prediction"]
+    write_text(path, csv_text([columns] + [[r[c] for c in columns] for r in rows]))
 
 
 def results_table(results, target, beam):
@@ -1065,9 +1062,8 @@ class SampleView:
         self.index, self.k = index, meta["data_config"]["subsample"]
         self.tokens, self.T, self.n = s["tokens"], s["frames"], len(s["tokens"])
         layout = meta["data_config"]["format"]
-        self.alignments = sorted(sa.read_alignments(data_path).get(s["id"], [])) if layout != "signjoey" else []
-        path = sa.pose_path(data_path, s["id"], layout) if layout != "signjoey" else None
-        self.pose = sa.read_pose_array(path)[:, 0, :, :2] if path and os.path.exists(path) else None
+        self.alignments = sorted(sa.read_alignments(data_path, layout).get(s["id"], []))
+        self.pose = sa.sample_pose(data_path, s["id"], layout)
         reference = " ".join(s[f"{meta['target']}_reference"])
         self.header = (f"{s['id']} ({meta['split']} sample {index})\nprediction: {wrap(' '.join(s['prediction']))}\n"
                        f"reference:  {wrap(reference)}")
@@ -1192,12 +1188,13 @@ def figure_reliance(v):
     outputs, and the video's share."""
     n = v.n
     video, prev = v.sample["branch_norms"]["video"].float(), v.sample["branch_norms"]["tokens"].float()
+    share = explain.video_share(v.sample["branch_norms"])
     fig, axes = pyplot().subplots(1, 2, figsize=(max(9, 0.45 * n + 6), 3.8), layout="constrained")
     for l in range(len(video)):
         axes[0].plot(range(n), video[l].numpy(), marker="o", label=f"video (cross-attention), layer {l + 1}")
         axes[0].plot(range(n), prev[l].numpy(), marker="s", linestyle="--",
                      label=f"previous tokens (self-attention), layer {l + 1}")
-        axes[1].plot(range(n), (video[l] / (video[l] + prev[l]).clamp(min=1e-12)).numpy(), marker="o",
+        axes[1].plot(range(n), share[l].numpy(), marker="o",
                      label=f"layer {l + 1}")
     axes[0].set_ylabel("L2 norm of the attention output")
     axes[1].set_ylabel("video share = video / (video + tokens)")
@@ -1282,7 +1279,7 @@ def animate_sample(plt, s, pose, cross, k, path):
 def segment_sources(data, data_path):
     """alignments.csv of the data (or {}) and, for text decoders, the word-gloss links of its training split."""
     meta = data["meta"]
-    alignments = sa.read_alignments(data_path) if meta["data_config"]["format"] != "signjoey" else {}
+    alignments = sa.read_alignments(data_path, meta["data_config"]["format"])
     links = None
     if alignments and meta["target"] == "text":
         links = sa.gloss_links([(g, t) for _, split, g, t in sa.read_annotations(data_path) if split == "train"])
@@ -1440,7 +1437,8 @@ def plot(args):
 
 # The viewer: view.html filled with one extraction, a single file that works offline
 
-VIEW_POINTS = sa.BODY[:25] + sa.LEFT_HAND + sa.RIGHT_HAND + [sa.FACE[i] for i in sa.FACE_OVAL]   # what it draws
+VIEW_PARTS = dict(body=sa.BODY[:25], left=sa.LEFT_HAND, right=sa.RIGHT_HAND, face=[sa.FACE[i] for i in sa.FACE_OVAL])
+VIEW_POINTS = [p for part in VIEW_PARTS.values() for p in part]                        # what the viewer draws
 
 
 class Packed:
@@ -1485,16 +1483,15 @@ def view_sample(s, meta, data_path, alignments, packed):
     entry = dict(id=s["id"], tokens=s["tokens"], prediction=s["prediction"], reference=reference,
                  gloss_reference=s["gloss_reference"], exact=s["prediction"] == reference, frames=s["frames"],
                  subsample=k, pose=None, segments=[[g, a, b] for _, g, a, b in sorted(alignments.get(s["id"], []))])
-    path = sa.pose_path(data_path, s["id"], layout) if layout != "signjoey" else None
-    if path and os.path.exists(path):
-        points = sa.read_pose_array(path)[:, 0, VIEW_POINTS, :2]
+    pose = sa.sample_pose(data_path, s["id"], layout)
+    if pose is not None:
+        points = pose[:, VIEW_POINTS]
         if np.isfinite(points).any():
             codes, lo, hi = pose_codes(points)
             entry["pose"] = dict(array=packed.add(codes), lo=lo.tolist(), hi=hi.tolist())
     arrays = {f"rel:{m}": packed.add(s["relevance"][m].float().numpy()) for m in meta["methods"]}
     arrays["cross"] = packed.add(s["attention"]["decoder_cross"].float().mean(1).numpy())           # (L, n, T)
-    video, tokens = s["branch_norms"]["video"].float(), s["branch_norms"]["tokens"].float()
-    arrays["share"] = packed.add((video / (video + tokens).clamp(min=1e-12)).numpy())               # (L, n)
+    arrays["share"] = packed.add(explain.video_share(s["branch_norms"]).numpy())                  # (L, n)
     if meta["ctc_trained"]:
         posteriors, vocab = s["gloss_posteriors"].float(), meta["gloss_vocab"]                      # (T, V)
         keep = set((torch.nonzero(posteriors[:, 4:].max(0).values >= 0.1)[:, 0] + 4).tolist())   # not the specials
@@ -1555,7 +1552,8 @@ def view(args):
         methods=meta["methods"], signed=[m for m in meta["methods"] if m in explain.SIGNED],
         fps=dataset.get("fps") or 25, aspect=dataset.get("aspect") or 1,
         pose_levels=POSE_LEVELS,
-        points=dict(body=[0, 25], left=[25, 21], right=[46, 21], face=[67, len(sa.FACE_OVAL)]),
+        points={name: [sum(map(len, list(VIEW_PARTS.values())[:i])), len(part)]         # [first, count]
+                for i, (name, part) in enumerate(VIEW_PARTS.items())},
         perturb=perturb_tables(run_dir, meta["split"]), pointing=pointing), samples=entries)
     text = json.dumps(page, ensure_ascii=False, allow_nan=False)
     text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")     # cannot close its script

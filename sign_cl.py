@@ -168,7 +168,7 @@ def frame_labels(memory, gloss_logits, mask, record, dataset, alignments):
 def sdr_segments(data_path, data_cfg, ctc_trained):
     """Where SDR's frame labels come from: the gloss segments of alignments.csv where it exists, else {} (a
     CTC Viterbi path of the gloss head) when the head was trained, else None (no SDR)."""
-    alignments = read_alignments(data_path) if data_cfg.format != "signjoey" else {}
+    alignments = read_alignments(data_path, data_cfg.format)
     return alignments if alignments else ({} if ctc_trained else None)
 
 

@@ -21,6 +21,7 @@ import pickle
 import re
 import shutil
 import sys
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
@@ -467,8 +468,8 @@ def _read_csv(path, required):
 
 def pose_path(folder, sample_id, format="gsl"):
     """A sample's pose file: poses/<id>.npy (gsl), poses/<id>.pose or else <id>.pose (pose); None for an id
-    that would leave the dataset folder."""
-    if (not sample_id or os.path.isabs(sample_id) or "/" in sample_id or "\\" in sample_id or "\0" in sample_id
+    that would leave the dataset folder, and for signjoey pickles (features, not poses)."""
+    if (format == "signjoey" or not sample_id or os.path.isabs(sample_id) or "/" in sample_id or "\\" in sample_id or "\0" in sample_id
             or sample_id in (".", "..")):
         return None
     suffix = ".pose" if format == "pose" else ".npy"
@@ -516,6 +517,12 @@ def read_gsl(folder, splits=SPLITS, keypoints="body+hands", coords=2, on_bad=Non
                 raise
             on_bad(str(e))
     return records
+
+
+def sample_pose(folder, sample_id, format="gsl"):
+    """A sample's keypoints (frames, 543, 2) in x, y, or None where the data has no pose file for it."""
+    path = pose_path(folder, sample_id, format)
+    return read_pose_array(path)[:, 0, :, :2] if path and os.path.exists(path) else None
 
 
 def read_pose_array(path, coords=2):
@@ -616,10 +623,11 @@ def read_signjoey(data, splits=SPLITS, on_bad=None):
     return records
 
 
-def read_alignments(folder):
-    """alignments.csv -> {id: [(position, gloss, start, end), ...]}, or {} when there is none."""
+def read_alignments(folder, format="gsl"):
+    """alignments.csv -> {id: [(position, gloss, start, end), ...]}, or {} when there is none (and for
+    signjoey pickles, which have no dataset folder)."""
     path = os.path.join(folder, "alignments.csv")
-    if not os.path.isfile(path):
+    if format == "signjoey" or not os.path.isfile(path):
         return {}
     segments = {}
     for line, row in _read_csv(path, ("id", "position", "gloss", "start", "end")):
@@ -1667,6 +1675,15 @@ def atomic_write(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_temporaries(folder, older_than=600):
+    """Remove atomic_write's temporary files in `folder` older than `older_than` seconds: left by a process
+    killed mid-write (a file lives milliseconds), never one being written now, by any machine."""
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if re.search(r"\.tmp\d+-[0-9a-f]{8}$", name) and time.time() - os.path.getmtime(path) > older_than:
+            os.remove(path)
 
 
 def save_checkpoint(path, state):
