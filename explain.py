@@ -538,7 +538,12 @@ def fiedler(features, mask):
     f = the real frames' features, L2-normalised; W = (f f^T)^+ / max W; D = rowsum W (below 1e-12 -> 1);
     v = D^-1/2 u_2 with u_2 the eigenvector of the second-smallest eigenvalue of I - D^-1/2 W D^-1/2, in
     float64, all samples in one batched eigh (padding gets a large diagonal so its eigenvalues come last).
-    With fewer than 3 real frames the map is uniform."""
+    With fewer than 3 real frames the map is uniform (a graph of 1 frame has no Fiedler vector; one of 2
+    frames, each most similar to itself, has a uniform one)."""
+    count = mask.sum(1, keepdim=True)
+    uniform = mask.float() / count.clamp(min=1)
+    if mask.shape[1] < 3:
+        return uniform
     f = F.normalize(features.double(), dim=-1) * mask[..., None]
     W = (f @ f.transpose(1, 2)).clamp(min=0)
     W = W / W.amax((1, 2), keepdim=True).clamp(min=1e-300)
@@ -550,9 +555,7 @@ def fiedler(features, mask):
     L = torch.where(real, L, torch.zeros_like(L)) + torch.diag_embed((~mask).double() * 10.0)
     _, vectors = torch.linalg.eigh(L)
     v = (r * vectors[:, :, 1]).abs() * mask
-    count = mask.sum(1, keepdim=True)
-    uniform = mask.double() / count.clamp(min=1)
-    return torch.where(count < 3, uniform, v).float()
+    return torch.where(count < 3, uniform, v.float())
 
 
 def _spectral(ctx, grads=None):
@@ -693,8 +696,10 @@ def model_segments(segments, k):
 def token_segments(sample, alignments, k, target, links):
     """(token row, start, end) in model frames for predicted tokens that realise a gloss with a known segment:
     glosses by position where the decoder writes the reference glosses; text words through `links` where
-    the linked gloss occurs once in the sentence."""
-    segments = model_segments(alignments, k)
+    the linked gloss occurs once in the sentence. A segment is cut at the sample's last model frame, and one
+    that starts after it (a clip cut at max_frames) is left out."""
+    T = sample["frames"]
+    segments = [(p, g, a, min(b, T)) for p, g, a, b in model_segments(alignments, k) if a < T]
     if target == "gloss":
         by_position = {p: (a, b) for p, g, a, b in segments}
         return [(t, *by_position[t]) for t, g in enumerate(sample["tokens"])
@@ -714,7 +719,7 @@ def video_share(branch_norms):
 def global_numbers(data, alignments, links, correct_only):
     """The numbers behind the global figures, over the samples whose prediction equals the reference
     (correct_only) or over all samples; 'diagonality' is each decoder layer's mean over the samples of two
-    tokens or more (NaN where there is none)."""
+    tokens or more whose attention centroids differ (NaN where there is none)."""
     meta = data["meta"]
     k = meta["data_config"]["subsample"]
     target = meta["target"]
@@ -722,7 +727,7 @@ def global_numbers(data, alignments, links, correct_only):
     layers = len(samples[0]["attention"]["decoder_cross"]) if samples else 0
     bins = 20
     out = dict(count=len(samples), profiles={}, diagonality=[[] for _ in range(layers)], reliance={},
-               offsets=[], entropy={}, pointing={}, mass={})
+               offsets=[], entropy={}, pointing={}, mass={}, aligned=bool(alignments))
     for s in samples:
         cross = s["attention"]["decoder_cross"].float().mean(1)             # (L, n, T)
         words = len(s["tokens"]) - (s["tokens"][-1] == EOS)                # tokens before EOS
@@ -745,7 +750,8 @@ def global_numbers(data, alignments, links, correct_only):
             if segments:
                 out["pointing"].setdefault(method, []).extend(pointing_game(rel, segments))
                 out["mass"].setdefault(method, []).extend(segment_mass(rel, segments))
-    out["diagonality"] = [float(np.nanmean(d)) if d else float("nan") for d in out["diagonality"]]
+    out["diagonality"] = [float(np.mean([v for v in d if np.isfinite(v)])) if np.isfinite(d).any() else float("nan")
+                          for d in out["diagonality"]]
     return out
 
 

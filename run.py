@@ -128,6 +128,7 @@ def read_data(path, data_cfg, splits, skip_bad, log):
         log(f"warning: skipping bad sample: {message}")
 
     records = sa.load_records(path, data_cfg, splits, on_bad if skip_bad else None)
+    sa.read_alignments(path, data_cfg.format)                # a bad alignments.csv stops the command now, not later
     if skipped:
         log(f"warning: skipped {len(skipped)} bad sample(s)")
     by_split = {s: [r for r in records if r.split == s] for s in splits}
@@ -559,8 +560,9 @@ def evaluate(model, dataset, train_cfg, device, beam=None, alignments=None, batc
     metrics["wer"] = sa.wer([r["gloss_prediction"] for r in rows], [r["gloss_reference"] for r in rows])
     metrics["accuracy"] = 100.0 * correct / max(1, tokens)
     metrics["ce"] = loss / max(1, tokens)
-    if features:
-        metrics["sdr"] = sdr(torch.stack(features), labels)
+    density = sdr(torch.stack(features), labels) if features else float("nan")
+    if np.isfinite(density):                 # undefined without two glosses, one of them seen twice: left out
+        metrics["sdr"] = density
     return dict(metrics=metrics, rows=rows)
 
 
@@ -1118,7 +1120,8 @@ def figure_encoder_attention(v):
         ax.set_title(f"encoder self-attention, layer {l + 1}", fontsize=10)
         ax.set_xlabel("key frame (% of video)")
         ax.set_ylabel("query frame (% of video)")
-    fig.suptitle(f"{v.sample['id']}: {v.T} model frames (one in {v.k}), mean over heads", fontsize=10)
+    frames = f"{v.T} model frame{'s' if v.T > 1 else ''}"
+    fig.suptitle(f"{v.sample['id']}: {frames} (one in {v.k}), mean over heads", fontsize=10)
     return fig
 
 
@@ -1166,9 +1169,10 @@ def figure_gloss_posteriors(v):
     shown = sorted({vocab.index(g) for g in s["gloss_reference"] + s["gloss_prediction"] if g in vocab})
     fig, ax = pyplot().subplots(figsize=(11, 3.6), layout="constrained")
     frames = np.arange(v.T) * v.k
-    ax.plot(frames, post[:, 0].numpy(), color="0.6", linestyle="--", label="blank")
+    dots = dict(marker="o", markersize=4) if v.T <= 20 else {}          # a line of one frame would not show
+    ax.plot(frames, post[:, 0].numpy(), color="0.6", linestyle="--", label="blank", **dots)
     for i in shown:
-        ax.plot(frames, post[:, i].numpy(), label=vocab[i])
+        ax.plot(frames, post[:, i].numpy(), label=vocab[i], **dots)
     for j, (_, gloss, a, b) in enumerate(segments):
         ax.axvspan(a, b, color=("0.85" if j % 2 else "0.93"), zorder=0)
         ax.text((a + b) / 2, 1.02, gloss, ha="center", va="bottom", fontsize=7,
@@ -1292,6 +1296,8 @@ def length_label(L):
 
 def figure_cross_attention_by_length(numbers, label, meta):
     """Decoder cross-attention (last layer) by relative video position, one panel per sentence length."""
+    if not numbers["profiles"]:
+        raise Skip("no prediction has a token before EOS")
     plt = pyplot()
     lengths = sorted(numbers["profiles"])
     fig, axes = plt.subplots(1, len(lengths), figsize=(3.6 * len(lengths), 3.6), squeeze=False, layout="constrained")
@@ -1308,9 +1314,14 @@ def figure_cross_attention_by_length(numbers, label, meta):
     return fig
 
 
+DIAGONALITY_UNDEFINED = "undefined: no prediction of two tokens or more whose cross-attention centroids differ"
+
+
 def figure_diagonality(numbers, label, meta):
     """Per decoder layer, the Spearman correlation of token position and cross-attention centroid."""
     scores = numbers["diagonality"]
+    if not all(np.isfinite(scores)):
+        raise Skip(DIAGONALITY_UNDEFINED)
     fig, ax = pyplot().subplots(figsize=(4 + 0.6 * len(scores), 3.4), layout="constrained")
     ax.bar([f"layer {l + 1}" for l in range(len(scores))], scores, color="tab:green")
     for l, value in enumerate(scores):
@@ -1340,9 +1351,15 @@ def figure_global_reliance(numbers, label, meta):
     return fig
 
 
+def mean_of_defined(values):
+    """The mean over the first axis of the values that are not NaN (NaN where none is, without a warning)."""
+    defined = ~np.isnan(values)
+    return np.where(defined.any(0), np.where(defined, values, 0).sum(0) / np.maximum(defined.sum(0), 1), np.nan)
+
+
 def figure_encoder_offsets(numbers, label, meta):
     """Encoder self-attention by relative frame offset, per layer."""
-    mean = np.nanmean(torch.stack(numbers["offsets"]).numpy(), 0)                  # (L, 21)
+    mean = mean_of_defined(torch.stack(numbers["offsets"]).numpy())                # (L, 21)
     fig, ax = pyplot().subplots(figsize=(7, 3.6), layout="constrained")
     for l, row in enumerate(mean):
         ax.plot(range(-10, 11), row, marker="o", label=f"layer {l + 1}")
@@ -1359,8 +1376,11 @@ def figure_entropy(numbers, label, meta):
     groups = list(numbers["entropy"])
     fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.2), squeeze=False, layout="constrained")
     for ax, group in zip(axes[0], groups):
-        values = np.nanmean(torch.stack(numbers["entropy"][group]).numpy(), 0)     # (L, h)
+        values = mean_of_defined(torch.stack(numbers["entropy"][group]).numpy())   # (L, h)
         im = ax.imshow(values, cmap="magma", vmin=0, vmax=1, aspect="auto")
+        if np.isnan(values).all():
+            ax.text(0.5, 0.5, "undefined: no row sees\ntwo keys or more", transform=ax.transAxes, ha="center",
+                    va="center", fontsize=9)
         plt.colorbar(im, ax=ax, label="normalised entropy", fraction=0.046, pad=0.02)
         ax.set_xticks(range(values.shape[1]), [str(h + 1) for h in range(values.shape[1])])
         ax.set_yticks(range(values.shape[0]), [str(l + 1) for l in range(values.shape[0])])
@@ -1374,7 +1394,8 @@ def figure_entropy(numbers, label, meta):
 def figure_pointing_game(numbers, label, meta):
     """Each method's pointing-game accuracy and relevance mass in the true gloss segments."""
     if not numbers["pointing"]:
-        raise Skip("no alignments.csv, so no true gloss segments")
+        raise Skip("no predicted token realises a gloss with a true segment" if numbers["aligned"]
+                   else "no alignments.csv, so no true gloss segments")
     methods = list(numbers["pointing"])
     accuracy = [100 * np.mean(numbers["pointing"][m]) for m in methods]
     mass = [100 * np.mean(numbers["mass"][m]) for m in methods]
@@ -1412,11 +1433,13 @@ def plot_all(run_dir, data, data_path, figure_type, log):
         for name, draw in GLOBAL_FIGURES.items():
             try:
                 fig = draw(numbers, label, meta)
-            except Skip:
+            except Skip as why:
+                log(f"{name} figure ({view}) skipped: {why}")
                 continue
             written.append(save_figure(fig, os.path.join(run_dir, f"all_{view}_{name}.{figure_type}")))
         scores = numbers["diagonality"]
-        log(f"diagonality ({view}): " + ", ".join(f"layer {l + 1} {v:.3f}" for l, v in enumerate(scores)))
+        log(f"diagonality ({view}): " + (", ".join(f"layer {l + 1} {v:.3f}" for l, v in enumerate(scores))
+                                         if all(np.isfinite(scores)) else DIAGONALITY_UNDEFINED))
         if numbers["pointing"]:
             log(f"pointing game ({view}): "
                 + ", ".join(f"{m} {100 * np.mean(hits):.1f}%" for m, hits in numbers["pointing"].items()))
@@ -1638,19 +1661,16 @@ def perturb(args):
     run_dir, model, dataset, _, state, device = opened
     data = perturb_samples(args, opened, methods, log)
     samples = data["samples"]
-    plausibility = explain.plausibility(data, *segment_sources(data, args.data or state["config"]["data_path"]),
-                                        methods)
     B, target = len(samples), dataset.target_vocab
     batch = to_device(dataset.batch(list(range(B))), device)
     src, mask = batch["src"], batch["src_mask"]
-    lengths = sa.frame_lengths(mask)
-    for b, s in enumerate(samples):
-        if s["frames"] != int(lengths[b]):
-            raise sa.DataError(f"{run_dir}/extract_{args.split}.pt: sample {s['id']} has {s['frames']} frames, the data "
-                               f"{int(lengths[b])} (extracted from other data? run `python run.py extract` again)")
-        for m in methods:
-            if not torch.isfinite(s["relevance"][m]).all():
-                raise sa.DataError(f"{run_dir}: the {m} relevance of sample {s['id']} holds NaN or infinite values")
+    keep = perturbable(run_dir, args.split, samples, sa.frame_lengths(mask), methods)
+    skipped = B - len(keep)
+    if skipped:
+        samples, src, mask = [samples[b] for b in keep], src[keep], mask[keep]
+        data = dict(data, samples=samples)
+    plausibility = explain.plausibility(data, *segment_sources(data, args.data or state["config"]["data_path"]),
+                                        methods)
     out = explain.token_ids(samples, target, device)
     seed = 0 if args.seed is None else args.seed
     log(f"{run_dir}: {B} {args.split} samples, {len(methods)} methods, {args.level} level, frames removed by "
@@ -1666,16 +1686,45 @@ def perturb(args):
     rows = explain.perturb_table(curves, stats, plausibility, args.bootstrap, seed)
     stem = os.path.join(run_dir, f"perturb_{args.split}_{args.level}" + ("_zero" if args.perturb_mode == "zero" else "")
                         + (f"_first{B}" if B < len(dataset) else "") + ("_" + "+".join(methods) if named else ""))
-    clean = clean_score(curves, stats)
+    clean = clean_score(curves, stats) + (f"\n\n{skipped} sample(s) of one frame skipped: no frame can be removed"
+                                          if skipped else "") + plausibility_note(plausibility)
     means = explain.mean_curves(curves, stats)
-    written = write_perturb(stem, rows, means, args, B, clean)
-    written.append(plot_curves(stem, means, rows, args, B))
+    written = write_perturb(stem, rows, means, args, len(samples), clean)
+    written.append(plot_curves(stem, means, rows, args, len(samples)))
     log(markdown_table(rows, args.level))
     log(clean)
     log(explain.verdict(rows))
     for path in written:
         log(path)
-    log(f"perturbation tests of {len(methods)} methods on {B} samples in {format_time(time.time() - start)}")
+    log(f"perturbation tests of {len(methods)} methods on {len(samples)} samples in {format_time(time.time() - start)}")
+
+
+def perturbable(run_dir, split, samples, lengths, methods):
+    """The indices of the samples to perturb: every sample must match the data and hold finite relevance, and
+    a sample of one frame, of which no frame can be removed, is skipped with a warning."""
+    for b, s in enumerate(samples):
+        if s["frames"] != int(lengths[b]):
+            raise sa.DataError(f"{run_dir}/extract_{split}.pt: sample {s['id']} has {s['frames']} frames, the data "
+                               f"{int(lengths[b])} (extracted from other data? run `python run.py extract` again)")
+        for m in methods:
+            if not torch.isfinite(s["relevance"][m]).all():
+                raise sa.DataError(f"{run_dir}: the {m} relevance of sample {s['id']} holds NaN or infinite values")
+    keep = [b for b in range(len(samples)) if lengths[b] >= 2]
+    if len(keep) < len(samples):
+        log(f"warning: skipped {len(samples) - len(keep)} sample(s) of one frame, from which no frame can be "
+            "removed: " + ", ".join(samples[b]["id"] for b in range(len(samples)) if lengths[b] < 2))
+    if not keep:
+        raise sa.DataError(f"{run_dir}: no {split} sample has two frames or more: nothing to perturb")
+    return keep
+
+
+def plausibility_note(plausibility):
+    """A line where the plausibility columns are missing: without alignments.csv, or without an occurrence."""
+    if not plausibility:
+        return "\n\nno alignments.csv: no pointing game or mass in the segment"
+    if not len(plausibility["sample"]):
+        return "\n\nno predicted token realises a gloss with a true segment: no pointing game or mass in the segment"
+    return ""
 
 
 def perturb_methods(args, model, dataset, samples, methods, src, mask, out, seed):
@@ -1736,14 +1785,15 @@ def write_perturb(stem, rows, means, args, count, clean):
     """The table as CSV and Markdown, and the mean curves as CSV."""
     columns = table_columns(rows, args.level)
     header = ["method"] + [f"{k}{suffix}" for k, _ in columns for suffix in ("", "_low", "_high")]
-    header += ["occurrences"] * ("occurrences" in rows[0]) + ["beats_random"]
+    occurrences = ["occurrences"] if "occurrences" in rows[0] else []
+    header += occurrences + ["beats_random"]
 
     def table(f):
         w = csv.writer(f, lineterminator="\n")
         w.writerow(header)
         for r in rows:
             values = [f"{v:.4f}" for k, _ in columns for v in r.get(k, (float("nan"),) * 3)]
-            w.writerow([r["method"]] + values + [r["occurrences"]] * ("occurrences" in r)
+            w.writerow([r["method"]] + values + [r[k] for k in occurrences]
                        + ["control" if r["beats_random"] is None else ";".join(r["beats_random"])])
 
     def markdown(f):

@@ -123,7 +123,8 @@ def sdr(features, labels):
     and SDR = 100 x the mean of ratio(c) over classes. The denominator averages over classes, each weighing
     the same however many instances it has (not over instances, which would let frequent classes dominate).
     A class with a single feature has no D(c) and is left out of the mean, but counts as another class for
-    the others. Lower = better separated."""
+    the others; so is a class at distance 0 from every other. NaN where no class is left (fewer than two
+    classes, or none with two features). Lower = better separated."""
     features, labels = features.double(), torch.as_tensor(labels)
     classes, index = labels.unique(return_inverse=True)
     if len(classes) < 2:
@@ -135,7 +136,7 @@ def sdr(features, labels):
     mean = between / (counts[:, None] * counts[None, :])                         # D(c, d); D(c) below
     intra = between.diagonal() / (counts * (counts - 1)).clamp(min=1)
     others = (mean.sum(1) - mean.diagonal()) / (len(classes) - 1)
-    ratios = (intra / others)[counts >= 2]
+    ratios = (intra / others.clamp(min=1e-300))[(counts >= 2) & (others > 0)]
     if not len(ratios):
         return float("nan")
     return 100.0 * float(ratios.mean())

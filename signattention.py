@@ -47,6 +47,7 @@ L_SHOULDER, R_SHOULDER = 11, 12
 FACE_OVAL = [10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377, 152, 148,
              176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109]
 SPLITS = ("train", "val", "test")
+SPLIT_NAMES = {"train": "train", "dev": "val", "val": "val", "test": "test"}     # dev is our val; any case
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 
 
@@ -449,7 +450,7 @@ def _read_csv(path, required):
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             if reader.fieldnames is None:
                 raise DataError(f"{path}: empty file (expected a header {','.join(required)})")
@@ -458,7 +459,12 @@ def _read_csv(path, required):
             if missing:
                 raise DataError(f"{path}: line 1: missing column(s) {', '.join(missing)} (found {', '.join(names)})")
             reader.fieldnames = names
-            rows = [(reader.line_num, row) for row in reader]
+            rows = []
+            for row in reader:
+                if None in row:                                  # more fields than the header names
+                    raise DataError(f"{path}: line {reader.line_num}: {len(names) + len(row[None])} fields where "
+                                    f"the header has {len(names)} (a comma inside a field that is not quoted?)")
+                rows.append((reader.line_num, row))
     except (UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"{path}: unreadable CSV ({e})") from None
     if not rows:
@@ -493,13 +499,17 @@ def read_gsl(folder, splits=SPLITS, keypoints="body+hands", coords=2, on_bad=Non
     raises DataError. Problems with the annotations file itself always raise.
     """
     annotations = os.path.join(folder, "annotations.csv")
-    records = []
+    records, seen = [], {}
     for line, row in _read_csv(annotations, ("id", "text", "gloss", "split")):
         sid, split = (row["id"] or "").strip(), (row["split"] or "").strip()
         where = f"{annotations}: line {line}"
         try:
-            if split not in SPLITS:
+            if split.lower() not in SPLIT_NAMES:
                 raise DataError(f"{where}: unknown split {split!r} (expected one of {', '.join(SPLITS)})")
+            split = SPLIT_NAMES[split.lower()]
+            if sid in seen:
+                raise DataError(f"{where}: the id {sid!r} was given before, on line {seen[sid]}")
+            seen[sid] = line
             if split not in splits:
                 continue
             path = pose_path(folder, sid, format)
@@ -543,6 +553,9 @@ def read_pose_array(path, coords=2):
         raise DataError(f"{path}: zero frames")
     if not np.issubdtype(pose.dtype, np.floating):
         raise DataError(f"{path}: pose array has dtype {pose.dtype}, expected float")
+    if np.isinf(pose).any():
+        frame = int(np.isinf(pose).reshape(len(pose), -1).any(1).argmax())
+        raise DataError(f"{path}: frame {frame}: infinite coordinates (NaN marks a point not detected)")
     return pose
 
 
@@ -624,19 +637,49 @@ def read_signjoey(data, splits=SPLITS, on_bad=None):
 
 
 def read_alignments(folder, format="gsl"):
-    """alignments.csv -> {id: [(position, gloss, start, end), ...]}, or {} when there is none (and for
-    signjoey pickles, which have no dataset folder)."""
+    """alignments.csv -> {id: [(position, gloss, start, end), ...]} (segments [start, end) in original frames),
+    or {} when there is none (and for signjoey pickles, which have no dataset folder).
+
+    Each row is checked against the sample it names in annotations.csv: integers with 0 <= start < end, the
+    gloss at that position of the sample's glosses, no position given twice, and a start inside the clip (its
+    pose file's frames, for .npy files). An end past the clip's last frame is cut to it (a segment annotated
+    on the video may outlast the frames its keypoints were extracted from). A bad row raises DataError
+    naming the file and line; rows of ids that annotations.csv does not list are ignored."""
     path = os.path.join(folder, "alignments.csv")
     if format == "signjoey" or not os.path.isfile(path):
         return {}
-    segments = {}
+    glosses = {sid: gloss for sid, _, gloss, _ in read_annotations(folder)}
+    segments, lengths = {}, {}
     for line, row in _read_csv(path, ("id", "position", "gloss", "start", "end")):
+        sid, gloss, where = (row["id"] or "").strip(), (row["gloss"] or "").strip(), f"{path}: line {line}"
+        if sid not in glosses:
+            continue
         try:
-            entry = (int(row["position"]), row["gloss"], int(row["start"]), int(row["end"]))
+            position, start, end = int(row["position"]), int(row["start"]), int(row["end"])
         except (TypeError, ValueError):
-            raise DataError(f"{path}: line {line}: position, start and end must be integers") from None
-        segments.setdefault(row["id"], []).append(entry)
+            raise DataError(f"{where}: position, start and end must be integers") from None
+        if not 0 <= start < end:
+            raise DataError(f"{where}: segment [{start}, {end}) of {sid} is empty or reversed (0 <= start < end)")
+        if not 0 <= position < len(glosses[sid]) or glosses[sid][position] != gloss:
+            raise DataError(f"{where}: {sid} has no gloss {gloss!r} at position {position} (its glosses: "
+                            f"{' '.join(glosses[sid])})")
+        if any(p == position for p, _, _, _ in segments.get(sid, [])):
+            raise DataError(f"{where}: position {position} of {sid} was given before")
+        if sid not in lengths:
+            lengths[sid] = _frame_count(pose_path(folder, sid, format))
+        if lengths[sid] is not None and start >= lengths[sid]:
+            raise DataError(f"{where}: segment [{start}, {end}) of {sid} starts after its clip's {lengths[sid]} frames")
+        end = end if lengths[sid] is None else min(end, lengths[sid])
+        segments.setdefault(sid, []).append((position, gloss, start, end))
     return segments
+
+
+def _frame_count(path):
+    """The frames of a .npy pose file, read from its header only; None where that cannot be known cheaply."""
+    try:
+        return int(np.load(path, mmap_mode="r").shape[0]) if path and path.endswith(".npy") else None
+    except Exception:  # a missing or unreadable file is the data reader's to report
+        return None
 
 
 # --- 1d. Real recordings: dataset importers, MediaPipe Holistic keypoints, .pose files ---------------
@@ -648,7 +691,6 @@ HOLISTIC = dict(static_image_mode=False, model_complexity=1, smooth_landmarks=Tr
 POSES_INSTALL = "pip install --no-deps -r requirements-poses.txt"
 VIDEO_TYPES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg", ".m4v", ".wmv")
 IMAGE_TYPES = (".jpg", ".jpeg", ".png", ".bmp")
-SPLIT_NAMES = {"train": "train", "dev": "val", "val": "val", "test": "test"}     # dev is our val
 
 
 @dataclass
@@ -840,12 +882,19 @@ def import_clips(root, source, annotations=None, split_files=(), text_file=None,
     return unique
 
 
+def natural_key(name):
+    """A file name's sort key in which runs of digits compare as numbers (2.jpg before 10.jpg), the name
+    itself breaking ties (01.jpg, 1.jpg)."""
+    return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", name))], name
+
+
 def read_frames(path):
-    """The RGB frames (H, W, 3) uint8 of a video file, in order, or of a frame folder, in sorted file-name
-    order. A file that cannot be decoded (a corrupt video, a truncated image) raises DataError naming it."""
+    """The RGB frames (H, W, 3) uint8 of a video file, in order, or of a frame folder, in the natural order of
+    its file names (2.jpg before 10.jpg). A file that cannot be decoded (a corrupt video, a truncated image)
+    raises DataError naming it."""
     if os.path.isdir(path):
-        names = sorted(n for n in os.listdir(path) if os.path.splitext(n)[1].lower() in IMAGE_TYPES
-                       and not n.startswith("."))                  # not macOS's ._ companions
+        names = sorted((n for n in os.listdir(path) if os.path.splitext(n)[1].lower() in IMAGE_TYPES
+                        and not n.startswith(".")), key=natural_key)   # not macOS's ._ companions; 2 before 10
         if not names:
             raise DataError(f"{path}: zero frames (no {', '.join(IMAGE_TYPES)} files)")
         for name in names:
@@ -1081,26 +1130,32 @@ def gloss_links(pairs, threshold=0.6):
 def read_annotations(folder):
     """(id, split, gloss list, text list) of every row of annotations.csv, without reading poses."""
     rows = _read_csv(os.path.join(folder, "annotations.csv"), ("id", "text", "gloss", "split"))
-    return [(r["id"], r["split"], (r["gloss"] or "").split(), (r["text"] or "").split()) for _, r in rows]
+    split = lambda r: (r["split"] or "").strip()
+    return [((r["id"] or "").strip(), SPLIT_NAMES.get(split(r).lower(), split(r)), (r["gloss"] or "").split(),
+             (r["text"] or "").split()) for _, r in rows]
 
 
 def normalise_pose(frames, keypoints):
-    """Centre on the mid-shoulder point and scale by the shoulder width (sample means), in place.
+    """Centre on the mid-shoulder point and scale by the shoulder width (means over the frames where both
+    shoulders were detected), in place.
 
     Removes the signer's position and size, which the held-out-signer split makes essential. Applies
-    only to keypoint features that include the shoulders; other features pass unchanged.
+    only to keypoint features that include the shoulders; other features pass unchanged. A clip in which
+    no frame has both shoulders apart raises DataError: it cannot be put in the same frame of reference
+    as the others (left in image units, it would be silently wrong input).
     """
     ids = KEYPOINT_SETS.get(keypoints, [])
     if L_SHOULDER not in ids or R_SHOULDER not in ids:
         return frames
     points = frames.reshape(len(frames), len(ids), -1)
     left, right = points[:, ids.index(L_SHOULDER), :2], points[:, ids.index(R_SHOULDER), :2]
-    if not (np.isfinite(left).all(1) & np.isfinite(right).all(1)).any():
-        return frames
-    with np.errstate(invalid="ignore"):
-        centre = np.nanmean((left + right) / 2, 0)
-        width = np.nanmean(np.linalg.norm(left - right, axis=1))
-    points[:, :, :2] = (points[:, :, :2] - centre) / max(width, 1e-6)
+    both = np.isfinite(left).all(1) & np.isfinite(right).all(1)
+    width = float(np.linalg.norm(left[both] - right[both], axis=1).mean()) if both.any() else 0.0
+    if not width > 1e-6:
+        raise DataError("no frame has both shoulders detected apart, so the keypoints cannot be centred on them "
+                        "and scaled by their width (train with --no-normalise, or skip it with --skip-bad)")
+    centre = ((left[both] + right[both]) / 2).mean(0)
+    points[:, :, :2] = (points[:, :, :2] - centre) / width
     return frames
 
 
@@ -1131,8 +1186,14 @@ def load_records(data, cfg, splits=SPLITS, on_bad=None):
     else:
         records = read_gsl(data, splits, cfg.keypoints, cfg.coords, on_bad, cfg.format)
         if cfg.normalise:
+            kept = []
             for r in records:
-                normalise_pose(r.frames, cfg.keypoints)
+                try:
+                    normalise_pose(r.frames, cfg.keypoints)
+                    kept.append(r)
+                except DataError as e:
+                    _bad(f"{pose_path(data, r.id, cfg.format)}: {e}", on_bad)
+            records = kept
     return records
 
 

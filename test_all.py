@@ -183,7 +183,9 @@ def test_bad_annotation_files(tmp_path, content, words):
 
 
 @pytest.mark.parametrize("row,words", [
-    (["x", "α", "Α", "dev"], "unknown split 'dev'"),
+    (["x", "α", "Α", "validation"], "unknown split 'validation'"),
+    (["synth_signer1_rep1_sentences0000", "α", "Α", "train"], "was given before, on line 2"),
+    (["x", "α, β", "Α", "train", "extra"], "5 fields where the header has 4"),
     (["../escape", "α", "Α", "train"], "not a plain file name"),
     (["/etc/passwd", "α", "Α", "train"], "not a plain file name"),
     (["absent", "α", "Α", "train"], "pose file not found"),
@@ -486,6 +488,101 @@ def test_poses_resumes_after_kill_9(converted, tmp_path):
 
 
 @needs_poses
+def test_poses_on_awkward_recordings(tmp_path):
+    """What cameras, phones and file systems hand over: a 1-frame phone video (IMG_0001.MOV, upper-case
+    extension) and a folder of one image with a Greek name and a space; a frame folder mixing a greyscale PNG,
+    an RGBA PNG, JPEGs (.jpg, .JPG, .jpeg, one stored sideways with an EXIF orientation) at two resolutions,
+    beside Thumbs.db, .DS_Store, desc.txt and a macOS ._ companion; frames numbered 1.jpg ... 11.jpg without
+    zero padding; all annotated by a spreadsheet's "CSV UTF-8" (a byte-order mark, CRLF, a quoted comma).
+    Every clip converts, one row per image frame, junk ignored, frames in their natural (numeric) order."""
+    if POSES_MISSING:
+        pytest.skip(POSES_MISSING)
+    from PIL import Image
+    small = np.asarray(Image.fromarray(astronaut()).resize((240, 240), Image.LANCZOS))
+    base = np.full((240, 320, 3), 128, np.uint8)                   # 320 x 240: the photograph, nose near x 0.45
+    base[:, 40:280] = small
+
+    def frame(dx, size=(320, 240)):
+        image = Image.fromarray(shifted(base, dx, 0))
+        return image if size == (320, 240) else image.resize(size, Image.LANCZOS)
+
+    src = tmp_path / "recordings"
+    os.makedirs(src)
+    for junk in ("Thumbs.db", ".DS_Store", "desc.txt"):            # left by Windows, macOS, a user
+        (src / junk).write_bytes(b"\0junk\xff" * 100)
+
+    # a phone's 1-frame video (a lossless mkv, named as an iPhone names it) and a folder of a single image
+    write_video(str(src / "one.mkv"), [np.asarray(frame(0))])
+    os.rename(src / "one.mkv", src / "IMG_0001.MOV")
+    os.makedirs(src / "κλιπ 1")
+    frame(0).save(src / "κλιπ 1" / "IMG_0002.JPG", quality=95)
+
+    # greyscale PNG, RGBA PNG, JPEGs of three spellings, the camera switching 320x240 -> 640x480, an EXIF-rotated
+    # JPEG (stored sideways, displayed upright), junk; each frame 12 px (of 320) further right
+    mixed = src / "mixed"
+    os.makedirs(mixed)
+    frame(0).convert("L").save(mixed / "frame_0000.png")
+    frame(12).convert("RGBA").save(mixed / "frame_0001.png")
+    frame(24).save(mixed / "frame_0002.jpg", quality=95)
+    frame(36, (640, 480)).save(mixed / "frame_0003.JPG", quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 6                                               # Orientation: rotate 90 CW to display
+    frame(48, (640, 480)).transpose(Image.Transpose.ROTATE_90).save(mixed / "frame_0004.jpeg", quality=95,
+                                                                    exif=exif.tobytes())
+    frame(60, (640, 480)).save(mixed / "frame_0005.jpg", quality=95)
+    for junk in ("Thumbs.db", ".DS_Store", "desc.txt", "._frame_0002.jpg"):
+        (mixed / junk).write_bytes(b"\0\x05\x16\x07junk" * 500)
+
+    # 1.jpg ... 11.jpg (a camera's or a script's numbering, no zero padding), written in a shuffled order
+    numbered = src / "numbered"
+    os.makedirs(numbered)
+    for i in np.random.default_rng(0).permutation(np.arange(1, 12)):
+        frame(6 * (i - 1)).save(numbered / f"{i}.jpg", quality=95)
+
+    # the annotations as Excel's / LibreOffice's "CSV UTF-8" saves them: a BOM, CRLF, a quoted comma
+    rows = [("id", "text", "gloss", "split"), ("IMG_0001", "γεια, σας", "ΓΕΙΑ", "train"),
+            ("κλιπ 1", "ευχαριστώ πολύ", "ΕΥΧΑΡΙΣΤΩ", "train"), ("mixed", "γεια σας", "ΓΕΙΑ", "dev"),
+            ("numbered", "ευχαριστώ", "ΕΥΧΑΡΙΣΤΩ", "test")]
+    with open(tmp_path / "ann.csv", "w", newline="", encoding="utf-8-sig") as f:
+        csv.writer(f, lineterminator="\r\n").writerows(rows)
+    assert (tmp_path / "ann.csv").read_bytes().startswith(b"\xef\xbb\xbfid,text,gloss,split\r\n")
+
+    result = run(["poses", "recordings", "--annotations", "ann.csv", "--out", "out", "--workers", "1"], str(tmp_path))
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert "4 clips; 0 already converted, 4 to convert" in result.stdout, result.stdout
+    out = tmp_path / "out"
+    with open(out / "failures.csv", encoding="utf-8") as f:
+        assert list(csv.reader(f)) == [["id", "file", "reason"]]
+
+    def nose_x(sid, frames):
+        pose = np.load(out / "poses" / f"{sid}.npy")
+        assert pose.shape == (frames, 1, 543, 3) and pose.dtype == np.float32, (sid, pose.shape, pose.dtype)
+        assert np.isfinite(pose[:, 0, sa.BODY]).all() and np.isfinite(pose[:, 0, sa.FACE]).all(), sid
+        return pose[:, 0, 0, 0]                                     # the nose's x, in image widths
+
+    # one frame each, the nose where it is on the 320 x 240 picture (about x 0.45)
+    for sid in ("IMG_0001", "κλιπ 1"):
+        assert 0.38 < nose_x(sid, 1)[0] < 0.52, (sid, nose_x(sid, 1))
+    np.testing.assert_allclose(nose_x("IMG_0001", 1), nose_x("κλιπ 1", 1), atol=0.01)   # same picture
+
+    # one row per image (not the 4 junk files), whatever the mode, spelling, size or orientation, in order
+    x = nose_x("mixed", 6)
+    assert 0.38 < x[0] < 0.52 and (np.diff(x) > 0.01).all() and 0.12 < x[-1] - x[0] < 0.25, x
+
+    # 11 rows, read 1, 2, ..., 9, 10, 11 (not 1, 10, 11, 2, ...): the nose moves right at every step
+    x = nose_x("numbered", 11)
+    assert (np.diff(x) > 0.005).all() and 0.12 < x[-1] - x[0] < 0.25, (
+        "frames not in numeric order: nose x " + " ".join(f"{v:.3f}" for v in x))
+
+    # the annotations came through whole: the BOM not in the first column's name, no \r in a field
+    with open(out / "annotations.csv", encoding="utf-8") as f:
+        written = list(csv.DictReader(f))
+    assert [(r["id"], r["text"], r["gloss"], r["split"]) for r in written] == [
+        ("IMG_0001", "γεια, σας", "ΓΕΙΑ", "train"), ("κλιπ 1", "ευχαριστώ πολύ", "ΕΥΧΑΡΙΣΤΩ", "train"),
+        ("mixed", "γεια σας", "ΓΕΙΑ", "val"), ("numbered", "ευχαριστώ", "ΕΥΧΑΡΙΣΤΩ", "test")]
+
+
 def test_converted_recordings_train_extract_and_plot(converted, tmp_path):
     """The converted folder is a dataset like any other: train one epoch, extract two samples, plot one."""
     cwd, _, out, _ = converted
@@ -1529,12 +1626,14 @@ def test_word_gloss_links_and_token_segments():
                            env=dict(os.environ, PYTHONHASHSEED=str(seed))).stdout for seed in range(6)}
     assert seen == {"[('x', 'Α'), ('y', 'Γ')]\n"}                 # a tie goes the same way in every process
     alignments = [(0, "ΕΓΩ(1)", 4, 20), (1, "ΚΛΕΙΔΙ", 24, 40), (2, "ΧΑΝΩ", 43, 60)]
-    sample = dict(tokens=["έχασα", "το", "κλειδί", sa.EOS], gloss_reference=["ΕΓΩ(1)", "ΚΛΕΙΔΙ", "ΧΑΝΩ"])
+    sample = dict(tokens=["έχασα", "το", "κλειδί", sa.EOS], gloss_reference=["ΕΓΩ(1)", "ΚΛΕΙΔΙ", "ΧΑΝΩ"], frames=30)
     # subsample 2: original [24, 40) holds model frames 12..19, [43, 60) frames 22..29
     links = {"έχασα": "ΧΑΝΩ", "κλειδί": "ΚΛΕΙΔΙ"}
     assert ex.token_segments(sample, alignments, 2, "text", links) == [(0, 22, 30), (2, 12, 20)]
-    glosses = dict(tokens=["ΕΓΩ(1)", "ΚΛΕΙΔΙ", "ΒΡΙΣΚΩ", sa.EOS], gloss_reference=["ΕΓΩ(1)", "ΚΛΕΙΔΙ", "ΧΑΝΩ"])
+    glosses = dict(tokens=["ΕΓΩ(1)", "ΚΛΕΙΔΙ", "ΒΡΙΣΚΩ", sa.EOS], gloss_reference=["ΕΓΩ(1)", "ΚΛΕΙΔΙ", "ΧΑΝΩ"], frames=30)
     assert ex.token_segments(glosses, alignments, 2, "gloss", None) == [(0, 2, 10), (1, 12, 20)]
+    cut = dict(sample, frames=16)                 # the clip cut at max_frames: [43, 60) is past it, [24, 40) cut
+    assert ex.token_segments(cut, alignments, 2, "text", links) == [(2, 12, 16)]
 
 
 def no_overlapping_labels(fig):
@@ -2287,3 +2386,344 @@ def test_perturb_as_a_user(tiny_run):
                           (["--bootstrap", "5"], "--bootstrap")):
         bad = run(["perturb", "p"] + args, str(cwd))
         assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# awkward data: what real recordings, spreadsheets and hand-edited files bring, through every mode
+# ----------------------------------------------------------------------------------------------------
+
+GREEK_QUESTION_MARK = "\u037e"
+
+
+def make_awkward_gsl(base, out):
+    """The tiny synthetic GSL plus awkward clips, all first in the test split (a few also in train): 1, 2 and 3
+    frames, no hand ever detected, every other frame empty, 615 frames (GSL's longest), one frame repeated,
+    one gloss and one word, a 20-word text ending in the Greek question mark, x and y only in float16, four
+    coordinates in float64, a gloss never seen in training, an id in Greek with a space and a comma. The
+    annotations are saved as a spreadsheet saves "CSV UTF-8": a byte-order mark, CRLF, columns in another
+    order, an extra column, padded fields, split names in capitals, dev for val, a blank last line. The
+    alignments cut a segment at the clip's end. Three ordinary samples complete the test split. Returns (folder,
+    the awkward test ids in order)."""
+    rows = list(csv.DictReader(open(os.path.join(base, "annotations.csv"), encoding="utf-8")))
+    os.makedirs(os.path.join(out, "poses"))
+    for r in rows:
+        os.symlink(os.path.join(base, "poses", r["id"] + ".npy"), os.path.join(out, "poses", r["id"] + ".npy"))
+    test = [r for r in rows if r["split"] == "test"]
+    donor = np.load(os.path.join(base, "poses", test[0]["id"] + ".npy"))
+    every_other, no_hands = donor.copy(), donor.copy()
+    every_other[0::2] = np.nan
+    no_hands[:, :, sa.LEFT_HAND + sa.RIGHT_HAND] = np.nan
+    like = lambda k: (test[k]["gloss"], test[k]["text"])
+    clips = {
+        "one frame": (donor[:1], *like(1)), "two_frames": (donor[:2], *like(2)), "three_frames": (donor[:3], *like(3)),
+        "no_hands": (no_hands, *like(0)), "every_other_empty": (every_other, *like(0)),
+        "long615": (np.concatenate([donor] * (615 // len(donor) + 1))[:615], *like(0)),
+        "frozen": (np.repeat(donor[:1], 40, 0), *like(4)), "one_gloss": (donor[:30], "ΓΕΙΑ", "γεια"),
+        "twenty_words": (donor, test[0]["gloss"], " ".join([f"λέξη{i}" for i in range(19)] + ["πού" + GREEK_QUESTION_MARK])),
+        "xy_float16": (donor[..., :2].astype(np.float16), *like(5)),
+        "xyzv_float64": (np.concatenate([donor, np.ones_like(donor[..., :1])], -1).astype(np.float64), *like(6)),
+        "unseen_gloss": (donor, test[7]["gloss"] + " ΑΓΝΩΣΤΟ", test[7]["text"] + " άγνωστο"),
+        "Ελληνικό όνομα, με κόμμα": (donor, *like(8)),
+    }
+    for sid, (array, _, _) in clips.items():
+        np.save(os.path.join(out, "poses", sid + ".npy"), array)
+    table = [["TEST", sid, f" {gloss} ", text, "x"] for sid, (_, gloss, text) in clips.items()]
+    for sid in ("one frame", "two_frames", "no_hands", "one_gloss"):
+        np.save(os.path.join(out, "poses", sid + " train.npy"), clips[sid][0])
+        table.append(["Train", sid + " train", clips[sid][1], clips[sid][2], "x"])
+    table += [[{"val": "dev"}.get(r["split"], r["split"]), r["id"], r["gloss"], r["text"], "x"] for r in rows
+              if r["split"] != "test" or r in test[:3]]                  # three ordinary test samples
+    with open(os.path.join(out, "annotations.csv"), "w", newline="", encoding="utf-8-sig") as f:
+        csv.writer(f, lineterminator="\r\n").writerows([["split", "id", "gloss", "text", "signer"]] + table + [[]])
+    with open(os.path.join(base, "alignments.csv"), encoding="utf-8") as f:
+        segments = list(csv.reader(f))
+    donor_segments = [s[1:] for s in segments if s[0] == test[0]["id"]]
+    segments += [[sid] + s for sid in ("no_hands", "every_other_empty", "long615", "twenty_words") for s in donor_segments]
+    segments += [["one frame", 0, test[1]["gloss"].split()[0], 0, 1], ["one_gloss", 0, "ΓΕΙΑ", 5, 20],
+                 ["two_frames", 0, test[2]["gloss"].split()[0], 0, 50]]                   # past the clip's end
+    with open(os.path.join(out, "alignments.csv"), "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows(segments)
+    return out, list(clips)
+
+
+def run_here(args, cwd):
+    """run.py's main in this process (no new interpreter to start), in cwd: (exit code, what it printed)."""
+    import contextlib
+    import io
+    import run as cli
+    printed, previous = io.StringIO(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            code = cli.main([str(a) for a in args])
+    finally:
+        os.chdir(previous)
+    return code, printed.getvalue()
+
+
+@pytest.fixture(scope="session")
+def awkward(tiny_gsl, tmp_path_factory):
+    """The awkward dataset and a run trained on it for 2 epochs, as a user trains it."""
+    root = tmp_path_factory.mktemp("awkward")
+    data, ids = make_awkward_gsl(tiny_gsl, str(root / "data"))
+    result = run(["train", "--data", data, "--epochs", "2", "--out", "r"] + TINY_MODEL, str(root))
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    return root, data, ids, result.stdout
+
+
+def no_nan_written(folder, suffixes=(".csv", ".md", ".json")):
+    for name in os.listdir(folder):
+        if name.endswith(suffixes):
+            text = open(os.path.join(folder, name), encoding="utf-8").read()
+            assert not re.search(r"\bnan\b", text, re.IGNORECASE), (name, text[:2000])
+
+
+def test_awkward_annotations_are_read_as_written(awkward):
+    _, data, ids, printed = awkward
+    records = {r.id: r for r in sa.load_records(data, sa.DataConfig())}
+    assert set(ids) <= set(records) and len(records) == 35 + len(ids) + 4
+    assert records["twenty_words"].text[-1] == "πού" + GREEK_QUESTION_MARK and len(records["twenty_words"].text) == 20
+    assert records["one frame"].split == "test" and records["one frame train"].split == "train"
+    assert {r.split for r in records.values()} == set(sa.SPLITS)                         # dev is val
+    assert records["one_gloss"].gloss == ["ΓΕΙΑ"] and records["frozen"].frames.shape == (40, 150)
+    assert "52 samples (train 20, val 16, test 16)" in printed
+    segments = sa.read_alignments(data)
+    assert segments["two_frames"] == [(0, records["two_frames"].gloss[0], 0, 2)]      # cut at the clip's end
+
+
+def test_every_mode_on_awkward_data(awkward):
+    """train (in the fixture), eval, extract, bench, plot --sample, plot --all, perturb at both levels and view,
+    on the awkward data: each exits 0, and no table holds NaN. plot --sample draws each awkward shape: 1, 1 (a
+    segment cut at its end) model frame and 308 frames with 21 tokens (the other awkward samples have an ordinary
+    sample's frames and tokens)."""
+    root, data, ids, _ = awkward
+    r = os.path.join(root, "r")
+    methods = ",".join(m for m in ex.METHODS if m != "integrated_gradients")    # 64 passes per token: minutes at
+    for args in (["eval", "r"], ["extract", "r", "--methods", methods],         # 308 frames (at 1 and 2 frames: in
+                 ["bench", "r", "--limit", 13, "--methods", "dsmi,generic,attention"],  # the test of every method)
+                 ["bench", "r", "--perturb", "--limit", 3, "--methods", "dsmi"], ["plot", "r", "--all"],
+                 ["perturb", "r", "--methods", methods], ["perturb", "r", "--level", "sentence", "--methods", "generic,dsmi"],
+                 ["view", "r"]):
+        code, printed = run_here(args, root)
+        assert code == 0, (args, printed)
+    extraction = torch.load(os.path.join(r, "extract_test.pt"), weights_only=True)
+    samples = extraction["samples"]
+    assert [s["id"] for s in samples[:len(ids)]] == ids
+    assert [s["frames"] for s in samples[:3]] == [1, 1, 2] and samples[ids.index("long615")]["frames"] == 308
+    for s in samples:
+        for m, rel in s["relevance"].items():
+            assert torch.isfinite(rel).all() and rel.shape == (len(s["tokens"]), s["frames"]), (s["id"], m)
+        for m in ("attention", "rollout", "dsmi"):                # normalised: one frame holds all of it
+            if s["frames"] == 1:
+                assert torch.allclose(s["relevance"][m], torch.ones(len(s["tokens"]), 1)), (s["id"], m)
+    for sid in ("one frame", "two_frames", "long615"):
+        index = ids.index(sid)
+        code, printed = run_here(["plot", "r", "--sample", index], root)
+        assert code == 0 and f"sample{index}_relevance.png" in printed, printed
+    table = open(os.path.join(r, f"perturb_test_token_{methods.replace(',', '+')}.md"), encoding="utf-8").read()
+    assert "2 sample(s) of one frame skipped" in table and "| random |" in table
+    no_nan_written(r)
+    for sid in ("one frame", "long615") if CHROMIUM else ():                             # the page draws them
+        dom = chromium(f"file://{r}/view_test.html#sample={ids.index(sid)}&token=0&method=generic&frame=0",
+                       os.path.join(root, "profile"), "--dump-dom")
+        report = json.loads(re.search(r'<script id="self-report" type="application/json">(.*?)</script>',
+                                      dom.stdout, re.S).group(1))
+        assert report["ready"] and report["errors"] == [] and report["sample"] == ids.index(sid), (sid, report)
+
+
+def constant_output_checkpoint(run_dir, token, name):
+    """A copy of the run whose decoder writes `token` whatever it sees (its output bias made overwhelming):
+    a model whose every output is empty (EOS) or wrong."""
+    state = torch.load(os.path.join(run_dir, "best.pt"), weights_only=True)
+    bias = state["model"]["head.bias"]
+    bias[:] = -1e4
+    bias[token] = 1e4
+    copy = os.path.join(os.path.dirname(run_dir), name)
+    os.makedirs(copy)
+    for f in os.listdir(run_dir):
+        if f in ("config.json", "results.json"):
+            shutil.copy(os.path.join(run_dir, f), copy)
+    torch.save(state, os.path.join(copy, "best.pt"))
+    return copy
+
+
+@pytest.mark.parametrize("token", ["EOS", "wrong"])
+def test_global_figures_and_tables_when_every_output_is_empty_or_wrong(awkward, token):
+    root, data, _, _ = awkward
+    text_vocab = torch.load(os.path.join(root, "r", "best.pt"), weights_only=True)["text_vocab"]
+    index = sa.Vocabulary.eos_id if token == "EOS" else text_vocab.index("γεια")
+    run_dir = constant_output_checkpoint(os.path.join(root, "r"), index, f"constant_{token}")
+    name = os.path.basename(run_dir)
+    code, printed = run_here(["extract", name, "--methods", "attention,generic,dsmi"], root)
+    assert code == 0, printed
+    code, printed = run_here(["plot", name, "--all"], root)
+    assert code == 0, printed
+    assert "no test sample in the 'correct' view" in printed
+    if token == "EOS":
+        assert "cross_attention_by_length figure (all) skipped: no prediction has a token before EOS" in printed
+        assert "diagonality (all): undefined" in printed and "pointing_game figure (all) skipped" in printed
+    assert os.path.exists(os.path.join(run_dir, "all_all_entropy.png"))
+    for level in ("token", "sentence"):
+        code, printed = run_here(["perturb", name, "--level", level, "--methods", "attention,generic"], root)
+        assert code == 0, printed
+    table = open(os.path.join(run_dir, "perturb_test_token_attention+generic+random.md"), encoding="utf-8").read()
+    if token == "EOS":
+        assert "no predicted token realises a gloss with a true segment" in table
+    code, printed = run_here(["view", name], root)
+    assert code == 0, printed
+    no_nan_written(run_dir)
+
+
+@pytest.mark.parametrize("row,words", [
+    (["synth_signer1_rep1_sentences0000", "0", "ΕΣΥ", "x", "9"], "position, start and end must be integers"),
+    (["synth_signer1_rep1_sentences0000", "0", "ΕΣΥ", "5", "5"], "segment [5, 5) of synth_signer1_rep1_sentences0000 is empty"),
+    (["synth_signer1_rep1_sentences0000", "0", "ΕΣΥ", "9", "3"], "is empty or reversed"),
+    (["synth_signer1_rep1_sentences0000", "1", "ΕΣΥ", "0", "3"], "has no gloss 'ΕΣΥ' at position 1"),
+    (["synth_signer1_rep1_sentences0000", "7", "ΕΣΥ", "0", "3"], "has no gloss 'ΕΣΥ' at position 7"),
+    (["synth_signer1_rep1_sentences0000", "0", "ΕΣΥ", "0", "3"], "position 0 of synth_signer1_rep1_sentences0000 was given before"),
+    (["synth_signer1_rep1_sentences0000", "2", "ΠΗΓΑΙΝΩ", "5000", "5100"], "starts after its clip's"),
+])
+def test_bad_alignment_rows_name_line_and_problem(tiny_gsl, tmp_path, row, words):
+    folder = copy_gsl(tiny_gsl, str(tmp_path / "d"))
+    with open(os.path.join(tiny_gsl, "alignments.csv"), encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    rows = [r for r in rows if r[0] != row[0] or r[1] != row[1] or "given before" in words] + [row]
+    with open(os.path.join(folder, "alignments.csv"), "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows(rows)
+    with pytest.raises(sa.DataError) as e:
+        sa.read_alignments(folder)
+    assert f"alignments.csv: line {len(rows)}" in str(e.value) and words in str(e.value), str(e.value)
+    code, printed = run_here(["train", "--data", folder, "--epochs", "1"], str(tmp_path))      # before training
+    assert code == 2 and printed.strip().splitlines() == [f"error: {e.value}"]
+
+
+def test_a_segment_past_the_clip_is_cut_and_rows_of_unknown_ids_ignored(tiny_gsl, tmp_path):
+    folder = copy_gsl(tiny_gsl, str(tmp_path / "d"))
+    sid = "synth_signer1_rep1_sentences0000"
+    frames = len(np.load(os.path.join(tiny_gsl, "poses", sid + ".npy")))
+    with open(os.path.join(tiny_gsl, "alignments.csv"), encoding="utf-8") as f:
+        rows = [r for r in csv.reader(f) if not (r[0] == sid and r[1] == "2")]
+    rows += [[sid, "2", "ΠΗΓΑΙΝΩ", str(frames - 4), str(frames + 30)], ["not_in_the_data", "0", "Χ", "9", "3"]]
+    with open(os.path.join(folder, "alignments.csv"), "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows(rows)
+    segments = sa.read_alignments(folder)
+    assert segments[sid][-1] == (2, "ΠΗΓΑΙΝΩ", frames - 4, frames) and "not_in_the_data" not in segments
+
+
+@pytest.mark.parametrize("kind,words", [
+    ("no_shoulders", "no frame has both shoulders detected apart"),
+    ("one_point_shoulders", "no frame has both shoulders detected apart"),
+    ("infinite", "frame 3: infinite coordinates"),
+])
+def test_pose_files_that_cannot_be_normalised_or_hold_infinities(tiny_gsl, tmp_path, kind, words):
+    folder = copy_gsl(tiny_gsl, str(tmp_path / "d"), lambda rows: rows + [["odd", "α", "Α", "train"]])
+    pose = np.load(os.path.join(tiny_gsl, "poses", "synth_signer1_rep1_sentences0000.npy"))
+    if kind == "no_shoulders":                     # the signer's shoulders outside the picture, the hands seen
+        pose[:, :, [sa.L_SHOULDER, sa.R_SHOULDER]] = np.nan
+    elif kind == "one_point_shoulders":
+        pose[:, :, sa.R_SHOULDER] = pose[:, :, sa.L_SHOULDER]
+    else:
+        pose[3, 0, 530, 1] = np.inf
+    write_pose(folder, "odd", pose)
+    with pytest.raises(sa.DataError) as e:
+        sa.load_records(folder, sa.DataConfig())
+    assert "odd.npy" in str(e.value) and words in str(e.value) and "\n" not in str(e.value)
+    skipped = []
+    assert len(sa.load_records(folder, sa.DataConfig(), on_bad=skipped.append)) == 48 and len(skipped) == 1
+    if kind != "infinite":                         # without normalisation the image coordinates are the input
+        assert len(sa.load_records(folder, sa.DataConfig(normalise=False))) == 49
+
+
+def test_fiedler_at_one_and_two_frames():
+    """A graph of one frame has no Fiedler vector and one of two frames a uniform one: both get the uniform map
+    (also when the whole batch is that short), as every sample of fewer than 3 frames does."""
+    g = torch.Generator().manual_seed(0)
+    for T in (1, 2):
+        features = torch.randn(3, T, 8, generator=g)
+        mask = torch.ones(3, T, dtype=torch.bool)
+        mask[2, 1:] = False
+        expected = mask.float() / mask.sum(1, keepdim=True)
+        assert torch.equal(ex.fiedler(features, mask), expected)
+    mask = torch.tensor([[True] * 6, [True, False, False, False, False, False]])
+    v = ex.fiedler(torch.randn(2, 6, 8, generator=g), mask)
+    assert torch.equal(v[1], torch.tensor([1.0, 0, 0, 0, 0, 0])) and (v[0] > 0).any()
+
+
+@pytest.mark.parametrize("method", ex.METHODS)
+def test_every_method_on_batches_of_one_and_two_frames(method):
+    """A batch whose every sample has one frame (and then two at most): finite relevance of the right shape;
+    the normalised methods give a one-frame sample relevance 1 on its frame."""
+    model = small_model()
+    for T in (1, 2):
+        src = torch.randn(2, T, 6, generator=torch.Generator().manual_seed(T))
+        mask = torch.ones(2, T, dtype=torch.bool)
+        mask[1, 1:] = False
+        out = torch.tensor([[5, 6, model.eos_id], [model.eos_id, 0, 0]])
+        R = ex.explain(model, src, mask, out, method)
+        assert R.shape == (2, 3, T) and torch.isfinite(R).all()
+        assert (R[1, 1:] == 0).all() and (R[1, :, 1:] == 0).all()
+        if method in ("attention", "rollout", "dsmi"):
+            assert torch.allclose(R[1, 0], torch.ones(T).where(mask[1], torch.zeros(T)))
+            if T == 1:
+                assert torch.allclose(R[0], torch.ones(3, 1))
+
+
+def test_signcl_and_sdr_at_one_frame_and_one_gloss():
+    """SignCL on a sample of one frame (or fewer than 4: no anchor) is 0 with a gradient, never NaN; SDR is
+    undefined (NaN, left out of the table) with one gloss, with single features, or with every class at
+    distance 0, and defined as soon as one class of two has two features apart."""
+    loss_fn = SignCL()
+    for T in (1, 2, 3):
+        features = torch.randn(2, T, 4, requires_grad=True)
+        mask = torch.ones(2, T, dtype=torch.bool)
+        margin = sign_cl.batch_margins(mask, torch.tensor([[5, 3], [5, 3]]), 0)
+        loss = loss_fn(features, margin, mask, generator=torch.Generator().manual_seed(0))
+        loss.backward()
+        assert loss.item() == 0.0 and torch.isfinite(features.grad).all()
+    assert signcl_margin(1, 1) == 1 and signcl_margin(1, 0) == 1
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0]])
+    assert np.isnan(sdr(x, [4, 4, 4]))                        # one gloss
+    assert np.isnan(sdr(x, [4, 5, 6]))                        # no gloss seen twice
+    assert np.isnan(sdr(torch.zeros(4, 2), [4, 4, 5, 5]))     # every feature the same
+    assert sdr(x, [4, 4, 5]) == pytest.approx(100 * 1 / ((3 + 10 ** 0.5) / 2))
+
+
+def test_plausibility_and_pointing_game_without_an_occurrence(tmp_path):
+    """No predicted token realises a gloss (an empty prediction): no occurrence, so no pointing-game or mass
+    column and a note instead; without alignments likewise; the table files are written either way."""
+    import run as cli
+    sample = dict(id="a", tokens=[sa.EOS], gloss_reference=["ΓΕΙΑ"], frames=4, relevance={"generic": torch.ones(1, 4),
+                                                                                  "random": torch.rand(1, 4)})
+    data = dict(meta=dict(data_config=dict(subsample=1), target="gloss"), samples=[sample])
+    plausible = ex.plausibility(data, {"a": [(0, "ΓΕΙΑ", 0, 2)]}, None, ["generic", "random"])
+    assert len(plausible["sample"]) == 0 and len(plausible["generic"][0]) == 0
+    assert ex.pointing_game(torch.ones(1, 4), []) == [] and ex.segment_mass(torch.ones(1, 4), []) == []
+    curves = {m: torch.rand(3, 2, 10, dtype=torch.float64) for m in ("generic", "random")}
+    args = argparse.Namespace(level="token", split="test", perturb_mode="mask")
+    for name, plaus, note in (("none", plausible, "no predicted token realises a gloss"), ("absent", {}, "no alignments.csv")):
+        rows = ex.perturb_table(curves, {}, plaus, 50, 0)
+        assert all("pointing" not in r for r in rows) and ("occurrences" in rows[0]) == bool(plaus)
+        clean = "clean" + cli.plausibility_note(plaus)
+        written = cli.write_perturb(str(tmp_path / name), rows, ex.mean_curves(curves, {}), args, 3, clean)
+        table = open(written[1], encoding="utf-8").read()
+        assert note in table and "pointing game %" not in table and "nan" not in table.lower()
+        with open(written[0], encoding="utf-8") as f:
+            header = next(csv.reader(f))
+        assert ("occurrences" in header) == bool(plaus) and "pointing" not in header
+
+
+def test_perturbation_with_fewer_frames_than_steps():
+    """At 2 and 3 frames floor(p * T) removes 0 or 1 frame (one always remains): the scores are finite, the
+    clean step equals the unperturbed prediction, and each step removes min(floor(p * T), T - 1) frames."""
+    model = small_model()
+    src = torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    out = sa.greedy_decode(model, src, mask, 4)
+    scores = ex.token_perturbation(model, src, mask, out, torch.rand(2, out.shape[1], 3))
+    real = out != model.pad_id
+    assert torch.isfinite(scores[real]).all() and (scores[real][:, :, 0] == 1).all()
+    kept = ex.kept_frames(torch.arange(3).expand(2, 3), mask)                      # (B, 2, P, T)
+    removed = (mask[:, None, None] & ~kept).sum(-1)
+    assert removed[0, 0].tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]                # 3 frames: 0.4 * 3 >= 1
+    assert removed[1, 0].tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]                # 2 frames: never both
+    assert torch.equal(removed[:, 0], removed[:, 1])
