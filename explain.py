@@ -8,9 +8,10 @@ and padded rows are 0; signed methods stay signed. Each method's docstring says 
 paper and reference code it follows; the table METHODS below maps names to functions, each a few lines over
 two shared pieces written once:
 
-- `_Pass`: one teacher-forced forward over *copies* (one copy per explained token: sample b, position t)
-  that keeps every attention map; one backward of the sum of the copies' scores then gives every token
-  its own gradients, for all tokens of all samples at once.
+- `_Pass`: one teacher-forced forward of each sample that keeps every attention map, and the gradients of
+  each explained token's score (sample b, position t: a "copy" of the sample's maps indexed per token)
+  from one backward per token position, batched (vmapped) over the positions, each serving every sample
+  at once.
 - `_Relprop`: LRP (Chefer et al., CVPR 2021 rules) walked backwards through the same model class that
   trains, from activations recorded by forward hooks.
 

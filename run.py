@@ -25,6 +25,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import sys
 import time
 import zlib
@@ -1552,6 +1553,13 @@ def perturb_tables(run_dir, split):
     return tables
 
 
+def script_policy(template):
+    """The Content-Security-Policy's script sources for a page: the SHA-256 hash of every inline script that
+    runs (a bare <script>; data blocks have a type and never run), so no other script can."""
+    digest = lambda text: base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii")
+    return " ".join(f"'sha256-{digest(text)}'" for text in re.findall(r"<script>(.*?)</script>", template, re.S))
+
+
 def view(args):
     """RUN/view_<split>.html: view.html with the extraction's samples (the first --limit), the gloss segments
     and pose files of the data, the pointing game and the run's perturb tables."""
@@ -1582,10 +1590,9 @@ def view(args):
     text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")     # cannot close its script
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "view.html"), encoding="utf-8") as f:
         template = f.read()
-    script = template[template.rindex("<script>") + len("<script>"):template.rindex("</script>")]
-    digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
     path = os.path.join(run_dir, f"view_{meta['split']}.html")
-    write_text(path, template.replace("__SCRIPT_HASH__", f"sha256-{digest}").replace("__VIEW_BLOB__", packed.encoded())
+    write_text(path, template.replace("'__SCRIPT_HASHES__'", script_policy(template))
+               .replace("__VIEW_BLOB__", packed.encoded())
                .replace("__VIEW_DATA__", text))
     log(f"{len(samples)} samples, {os.path.getsize(path) / 1e6:.1f} MB, in {time.time() - start:.1f}s; open it in "
         "any browser, offline:")
@@ -1884,7 +1891,6 @@ class Number:
 
 COUNT = Number(int, 1)                      # epochs, batch sizes, layers, beams, sample limits
 INDEX = Number(int, 0)                      # a sample index, a patience
-WEIGHT = Number(float, 0.0)                 # loss weights
 SEED = Number(int, 0, 2 ** 63 - 1)
 
 

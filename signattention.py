@@ -682,7 +682,7 @@ def _frame_count(path):
         return None
 
 
-# --- 1d. Real recordings: dataset importers, MediaPipe Holistic keypoints, .pose files ---------------
+# --- 1c. Real recordings: dataset importers, MediaPipe Holistic keypoints, .pose files ---------------
 
 # MediaPipe Holistic as `python run.py poses` runs it: a video in order with tracking, and the one model
 # complexity that mediapipe==0.10.21 ships inside its wheel (0 and 2 would download a model).
@@ -1072,7 +1072,7 @@ def read_pose_format(path):
     return out
 
 
-# --- 1c. Vocabularies, preprocessing and batches -------------------------------------------------
+# --- 1d. Vocabularies, preprocessing and batches -------------------------------------------------
 
 class Vocabulary:
     """Word-level vocabulary with PAD/UNK/BOS/EOS at ids 0..3; PAD doubles as the CTC blank."""

@@ -1732,6 +1732,7 @@ def test_plot_one_sample_right_after_training(tiny_run):
 # ----------------------------------------------------------------------------------------------------
 
 import base64
+import hashlib
 import re
 import shutil
 import zlib
@@ -1813,6 +1814,13 @@ def test_view_is_one_offline_file_that_escapes_its_text(viewed_run):
     assert re.search(r'<meta http-equiv="Content-Security-Policy"\s+content="default-src \'none\'', html)
     assert not re.search(r"<(link|iframe|img|object|embed)\b|\bsrc=|@import|url\(", html)
     assert html.count("<script") == 4                              # the data, the arrays, the report, the page
+    policy = re.search(r"script-src ([^;]*);", html).group(1).split()
+    running = re.findall(r"<script>(.*?)</script>", html, re.S)            # the scripts a browser runs
+    digest = lambda text: f"'sha256-{base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()}'"
+    assert policy == [digest(text) for text in running] and len(running) == 1
+    import run as cli                                              # a second script would be allowed by its own hash
+    two = '<script>a = 1;</script><script type="application/json">{}</script><script>b = 2;</script>'
+    assert cli.script_policy(two) == f"{digest('a = 1;')} {digest('b = 2;')}"
     run_folder_copy(cwd, "x")
     data = torch.load(cwd / "v" / "extract_test.pt", weights_only=True)
     evil = "</script><script>alert(1)</script><!--&amp;"
@@ -2463,10 +2471,10 @@ def run_here(args, cwd):
 
 @pytest.fixture(scope="session")
 def awkward(tiny_gsl, tmp_path_factory):
-    """The awkward dataset and a run trained on it for 2 epochs, as a user trains it."""
+    """The awkward dataset and a run trained on it for 2 epochs with SignCL, as a user trains it."""
     root = tmp_path_factory.mktemp("awkward")
     data, ids = make_awkward_gsl(tiny_gsl, str(root / "data"))
-    result = run(["train", "--data", data, "--epochs", "2", "--out", "r"] + TINY_MODEL, str(root))
+    result = run(["train", "--data", data, "--epochs", "2", "--out", "r", "--signcl", "0.01"] + TINY_MODEL, str(root))
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     return root, data, ids, result.stdout
 
