@@ -697,10 +697,11 @@ def model_segments(segments, k):
 def token_segments(sample, alignments, k, target, links):
     """(token row, start, end) in model frames for predicted tokens that realise a gloss with a known segment:
     glosses by position where the decoder writes the reference glosses; text words through `links` where
-    the linked gloss occurs once in the sentence. A segment is cut at the sample's last model frame, and one
-    that starts after it (a clip cut at max_frames) is left out."""
+    the linked gloss occurs once in the sentence. A segment is cut at the sample's last model frame; one that
+    holds none of the model's frames (past a clip cut at max_frames, or between two frames it reads) is left
+    out."""
     T = sample["frames"]
-    segments = [(p, g, a, min(b, T)) for p, g, a, b in model_segments(alignments, k) if a < T]
+    segments = [(p, g, a, min(b, T)) for p, g, a, b in model_segments(alignments, k) if a < min(b, T)]
     if target == "gloss":
         by_position = {p: (a, b) for p, g, a, b in segments}
         return [(t, *by_position[t]) for t, g in enumerate(sample["tokens"])

@@ -129,14 +129,19 @@ def read_data(path, data_cfg, splits, skip_bad, log):
         log(f"warning: skipping bad sample: {message}")
 
     records = sa.load_records(path, data_cfg, splits, on_bad if skip_bad else None)
-    sa.read_alignments(path, data_cfg.format)                # a bad alignments.csv stops the command now, not later
     if skipped:
         log(f"warning: skipped {len(skipped)} bad sample(s)")
+    sa.read_alignments(path, data_cfg.format, samples_of(records), log)     # a bad row stops the command now
     by_split = {s: [r for r in records if r.split == s] for s in splits}
     for s in splits:
         if not by_split[s]:
             raise sa.DataError(f"{path}: no samples in the {s} split")
     return by_split
+
+
+def samples_of(records):
+    """{id: (glosses, frames)} of the records read, which their rows of alignments.csv are checked against."""
+    return {r.id: (r.gloss, len(r.frames)) for r in records}
 
 
 def log(message):
@@ -561,7 +566,9 @@ def evaluate(model, dataset, train_cfg, device, beam=None, alignments=None, batc
     metrics["wer"] = sa.wer([r["gloss_prediction"] for r in rows], [r["gloss_reference"] for r in rows])
     metrics["accuracy"] = 100.0 * correct / max(1, tokens)
     metrics["ce"] = loss / max(1, tokens)
-    density = sdr(torch.stack(features), labels) if features else float("nan")
+    known = dataset.gloss_vocab.stoi                                  # a gloss unseen in training: its own class
+    unseen = {g: len(known) + i for i, g in enumerate(sorted(set(labels) - set(known)))}
+    density = sdr(torch.stack(features), [known.get(g, unseen.get(g)) for g in labels]) if features else float("nan")
     if np.isfinite(density):                 # undefined without two glosses, one of them seen twice: left out
         metrics["sdr"] = density
     return dict(metrics=metrics, rows=rows)
@@ -598,7 +605,8 @@ def evaluate_batch(model, dataset, indices, train_cfg, device, beam, alignments)
 def report(run_dir, datasets, train_cfg, device, log, data_path, splits=("val", "test")):
     """Evaluate the best checkpoint, print the table, write translations.csv and results.json."""
     model, _, _ = sa.load_model(run_dir, device)
-    segments = sign_cl.sdr_segments(data_path, model.data_config, train_cfg.ctc_weight > 0)
+    segments = sign_cl.sdr_segments(data_path, model.data_config, train_cfg.ctc_weight > 0,
+                                    samples_of(r for s in splits for r in datasets[s].records))
     results = {}
     for split in splits:
         start = time.time()
@@ -642,8 +650,8 @@ def eval_mode(args):
     if args.beam is not None:
         train_cfg.beam = args.beam
     data_path = args.data or state["config"]["data_path"]
-    out = evaluate(model, dataset, train_cfg, device, alignments=sign_cl.sdr_segments(data_path, dataset.cfg,
-                                                                               train_cfg.ctc_weight > 0))
+    segments = sign_cl.sdr_segments(data_path, dataset.cfg, train_cfg.ctc_weight > 0, samples_of(dataset.records))
+    out = evaluate(model, dataset, train_cfg, device, alignments=segments)
     out["metrics"]["samples"] = len(dataset)
     log(f"{run_dir} ({args.checkpoint} checkpoint, epoch {state['epoch']}) on {data_path} {args.split}:")
     log(results_table({args.split: out["metrics"]}, dataset.cfg.target, train_cfg.beam))
@@ -1067,6 +1075,9 @@ class SampleView:
         layout = meta["data_config"]["format"]
         self.alignments = sorted(sa.read_alignments(data_path, layout).get(s["id"], []))
         self.pose = sa.sample_pose(data_path, s["id"], layout)
+        if self.pose is not None:          # a .pose file's frames are not read up front: cut its segments here
+            F = len(self.pose)
+            self.alignments = [(p, g, a, min(b, F)) for p, g, a, b in self.alignments if a < F]
         reference = " ".join(s[f"{meta['target']}_reference"])
         self.header = (f"{s['id']} ({meta['split']} sample {index})\nprediction: {wrap(' '.join(s['prediction']))}\n"
                        f"reference:  {wrap(reference)}")
@@ -1284,7 +1295,7 @@ def animate_sample(plt, s, pose, cross, k, path):
 def segment_sources(data, data_path):
     """alignments.csv of the data (or {}) and, for text decoders, the word-gloss links of its training split."""
     meta = data["meta"]
-    alignments = sa.read_alignments(data_path, meta["data_config"]["format"])
+    alignments = sa.read_alignments(data_path, meta["data_config"]["format"], log=log)
     links = None
     if alignments and meta["target"] == "text":
         links = sa.gloss_links([(g, t) for _, split, g, t in sa.read_annotations(data_path) if split == "train"])
@@ -1671,7 +1682,7 @@ def perturb(args):
     B, target = len(samples), dataset.target_vocab
     batch = to_device(dataset.batch(list(range(B))), device)
     src, mask = batch["src"], batch["src_mask"]
-    keep = perturbable(run_dir, args.split, samples, sa.frame_lengths(mask), methods)
+    keep = perturbable(run_dir, args.split, samples, mask, methods)
     skipped = B - len(keep)
     if skipped:
         samples, src, mask = [samples[b] for b in keep], src[keep], mask[keep]
@@ -1680,7 +1691,7 @@ def perturb(args):
                                         methods)
     out = explain.token_ids(samples, target, device)
     seed = 0 if args.seed is None else args.seed
-    log(f"{run_dir}: {B} {args.split} samples, {len(methods)} methods, {args.level} level, frames removed by "
+    log(f"{run_dir}: {len(samples)} {args.split} samples, {len(methods)} methods, {args.level} level, frames removed by "
         f"{'the key mask' if args.perturb_mode == 'mask' else 'zeroing'}, fractions 0..0.9"
         + (f", methods shared among {WORLD.size} processes" if WORLD.size > 1 else ""))
     curves, stats = {}, {}                  # under torchrun each process tests every size-th method, as one would
@@ -1706,9 +1717,10 @@ def perturb(args):
     log(f"perturbation tests of {len(methods)} methods on {len(samples)} samples in {format_time(time.time() - start)}")
 
 
-def perturbable(run_dir, split, samples, lengths, methods):
+def perturbable(run_dir, split, samples, mask, methods):
     """The indices of the samples to perturb: every sample must match the data and hold finite relevance, and
-    a sample of one frame, of which no frame can be removed, is skipped with a warning."""
+    a sample of one real frame (mask (B, T)), of which no frame can be removed, is skipped with a warning."""
+    lengths, real = sa.frame_lengths(mask), mask.sum(1)
     for b, s in enumerate(samples):
         if s["frames"] != int(lengths[b]):
             raise sa.DataError(f"{run_dir}/extract_{split}.pt: sample {s['id']} has {s['frames']} frames, the data "
@@ -1716,12 +1728,13 @@ def perturbable(run_dir, split, samples, lengths, methods):
         for m in methods:
             if not torch.isfinite(s["relevance"][m]).all():
                 raise sa.DataError(f"{run_dir}: the {m} relevance of sample {s['id']} holds NaN or infinite values")
-    keep = [b for b in range(len(samples)) if lengths[b] >= 2]
+    keep = [b for b in range(len(samples)) if real[b] >= 2]
+    if not keep:
+        raise sa.DataError(f"{run_dir}: every {split} sample has one frame, from which no frame can be removed: "
+                           "nothing to perturb")
     if len(keep) < len(samples):
         log(f"warning: skipped {len(samples) - len(keep)} sample(s) of one frame, from which no frame can be "
-            "removed: " + ", ".join(samples[b]["id"] for b in range(len(samples)) if lengths[b] < 2))
-    if not keep:
-        raise sa.DataError(f"{run_dir}: no {split} sample has two frames or more: nothing to perturb")
+            "removed: " + ", ".join(samples[b]["id"] for b in range(len(samples)) if real[b] < 2))
     return keep
 
 

@@ -144,13 +144,13 @@ def sdr(features, labels):
 
 def frame_labels(memory, gloss_logits, mask, record, dataset, alignments):
     """SDR's labelled features for one sample: the encoder features (memory (T, C)) at the centre of each gloss
-    occurrence, with the gloss's id: from the true segments ({id: [(position, gloss, start, end)]} in original
-    frames) when alignments exist, else from the CTC Viterbi path of the reference glosses through the gloss
+    occurrence, with the gloss (a string, so that glosses unseen in training stay apart): from the true
+    segments ({id: [(position, gloss, start, end)]} in original frames) when alignments exist, else from the CTC Viterbi path of the reference glosses through the gloss
     head's logits (T, V)."""
     n = int(frame_lengths(mask[None]))
     k = dataset.cfg.subsample
-    if alignments:
-        centres = [((a + b) // 2 // k, g) for _, g, a, b in alignments.get(record.id, [])]
+    if alignments:                          # a segment between two of the frames the model reads has no centre
+        centres = [((a + b) // 2 // k, g) for _, g, a, b in alignments.get(record.id, []) if -(-a // k) < -(-b // k)]
     else:
         ids = dataset.gloss_vocab.encode(record.gloss)
         path = ctc_viterbi(gloss_logits[:n].log_softmax(-1).cpu(), ids, blank=0)
@@ -163,13 +163,14 @@ def frame_labels(memory, gloss_logits, mask, record, dataset, alignments):
                 centres.append(((t + end) // 2, dataset.gloss_vocab.itos[path[t]]))
             t = end + 1
     kept = [(c, g) for c, g in centres if c < n]
-    return [memory[c] for c, _ in kept], [dataset.gloss_vocab.stoi.get(g, 1) for _, g in kept]
+    return [memory[c] for c, _ in kept], [g for _, g in kept]
 
 
-def sdr_segments(data_path, data_cfg, ctc_trained):
-    """Where SDR's frame labels come from: the gloss segments of alignments.csv where it exists, else {} (a
-    CTC Viterbi path of the gloss head) when the head was trained, else None (no SDR)."""
-    alignments = read_alignments(data_path, data_cfg.format)
+def sdr_segments(data_path, data_cfg, ctc_trained, samples=None):
+    """Where SDR's frame labels come from: the gloss segments of alignments.csv where it exists (its rows
+    checked against `samples`, see read_alignments), else {} (a CTC Viterbi path of the gloss head) when the
+    head was trained, else None (no SDR)."""
+    alignments = read_alignments(data_path, data_cfg.format, samples)
     return alignments if alignments else ({} if ctc_trained else None)
 
 

@@ -461,6 +461,8 @@ def _read_csv(path, required):
             reader.fieldnames = names
             rows = []
             for row in reader:
+                if all(not (v or "").strip() for k, v in row.items() if k is not None) and None not in row:
+                    continue                                     # ",,," : a spreadsheet's empty row
                 if None in row:                                  # more fields than the header names
                     raise DataError(f"{path}: line {reader.line_num}: {len(names) + len(row[None])} fields where "
                                     f"the header has {len(names)} (a comma inside a field that is not quoted?)")
@@ -636,50 +638,67 @@ def read_signjoey(data, splits=SPLITS, on_bad=None):
     return records
 
 
-def read_alignments(folder, format="gsl"):
+def read_alignments(folder, format="gsl", samples=None, log=None):
     """alignments.csv -> {id: [(position, gloss, start, end), ...]} (segments [start, end) in original frames),
     or {} when there is none (and for signjoey pickles, which have no dataset folder).
 
-    Each row is checked against the sample it names in annotations.csv: integers with 0 <= start < end, the
-    gloss at that position of the sample's glosses, no position given twice, and a start inside the clip (its
-    pose file's frames, for .npy files). An end past the clip's last frame is cut to it (a segment annotated
-    on the video may outlast the frames its keypoints were extracted from). A bad row raises DataError
-    naming the file and line; rows of ids that annotations.csv does not list are ignored."""
+    Each row is checked against its sample: `samples` {id: (glosses, frames)} where the caller has read the
+    data (rows of the samples it left out, another split or a skipped bad sample, are left out too); else the
+    first row of that id in annotations.csv, with the frames of its .npy pose file. A row needs integers with
+    0 <= start < end, the gloss at that position of the sample's glosses, a position not given before, and a
+    start inside the clip; an end past the clip's last frame is cut to it (a segment annotated on the video
+    may outlast the frames its keypoints were extracted from). A bad row raises DataError naming the file and
+    line. Rows of ids that annotations.csv does not list are left out, with one warning through `log`; if no
+    row names a sample of annotations.csv, the file is refused."""
     path = os.path.join(folder, "alignments.csv")
     if format == "signjoey" or not os.path.isfile(path):
         return {}
-    glosses = {sid: gloss for sid, _, gloss, _ in read_annotations(folder)}
-    segments, lengths = {}, {}
-    for line, row in _read_csv(path, ("id", "position", "gloss", "start", "end")):
+    annotated = {}
+    for sid, _, gloss, _ in read_annotations(folder):
+        annotated.setdefault(sid, gloss)                     # the first row of an id, as read_gsl keeps it
+    if samples is None:
+        samples = {sid: (gloss, None) for sid, gloss in annotated.items()}
+    segments, unknown, counted, rows = {}, set(), {}, _read_csv(path, ("id", "position", "gloss", "start", "end"))
+    for line, row in rows:
         sid, gloss, where = (row["id"] or "").strip(), (row["gloss"] or "").strip(), f"{path}: line {line}"
-        if sid not in glosses:
+        if sid not in samples:
+            unknown |= set() if sid in annotated else {sid}
             continue
         try:
             position, start, end = int(row["position"]), int(row["start"]), int(row["end"])
         except (TypeError, ValueError):
             raise DataError(f"{where}: position, start and end must be integers") from None
+        glosses, frames = samples[sid]
         if not 0 <= start < end:
             raise DataError(f"{where}: segment [{start}, {end}) of {sid} is empty or reversed (0 <= start < end)")
-        if not 0 <= position < len(glosses[sid]) or glosses[sid][position] != gloss:
+        if not 0 <= position < len(glosses) or glosses[position] != gloss:
             raise DataError(f"{where}: {sid} has no gloss {gloss!r} at position {position} (its glosses: "
-                            f"{' '.join(glosses[sid])})")
+                            f"{' '.join(glosses)})")
         if any(p == position for p, _, _, _ in segments.get(sid, [])):
             raise DataError(f"{where}: position {position} of {sid} was given before")
-        if sid not in lengths:
-            lengths[sid] = _frame_count(pose_path(folder, sid, format))
-        if lengths[sid] is not None and start >= lengths[sid]:
-            raise DataError(f"{where}: segment [{start}, {end}) of {sid} starts after its clip's {lengths[sid]} frames")
-        end = end if lengths[sid] is None else min(end, lengths[sid])
-        segments.setdefault(sid, []).append((position, gloss, start, end))
+        if frames is None:
+            if sid not in counted:
+                counted[sid] = _frame_count(pose_path(folder, sid, format))
+            frames = counted[sid]
+        if frames is not None and start >= frames:
+            raise DataError(f"{where}: segment [{start}, {end}) of {sid} starts after its clip's {frames} frames")
+        segments.setdefault(sid, []).append((position, gloss, start, end if frames is None else min(end, frames)))
+    if unknown and len(unknown) == len({(r["id"] or "").strip() for _, r in rows}):
+        raise DataError(f"{path}: no row names a sample of annotations.csv (its ids: {', '.join(sorted(unknown)[:3])}, ...)")
+    if unknown and log:
+        log(f"warning: {path}: rows of {len(unknown)} id(s) not in annotations.csv left out: "
+            + ", ".join(sorted(unknown)[:5]) + (", ..." if len(unknown) > 5 else ""))
     return segments
 
 
 def _frame_count(path):
-    """The frames of a .npy pose file, read from its header only; None where that cannot be known cheaply."""
+    """The frames of a .npy pose file, read from its header only; None where that cannot be known cheaply
+    (other formats) or the file is not a readable clip (the data reader reports it)."""
     try:
-        return int(np.load(path, mmap_mode="r").shape[0]) if path and path.endswith(".npy") else None
-    except Exception:  # a missing or unreadable file is the data reader's to report
+        frames = int(np.load(path, mmap_mode="r").shape[0]) if path and path.endswith(".npy") else 0
+    except Exception:  # a missing or unreadable file: numpy raises several kinds
         return None
+    return frames or None
 
 
 # --- 1c. Real recordings: dataset importers, MediaPipe Holistic keypoints, .pose files ---------------

@@ -2406,12 +2406,13 @@ GREEK_QUESTION_MARK = "\u037e"
 def make_awkward_gsl(base, out):
     """The tiny synthetic GSL plus awkward clips, all first in the test split (a few also in train): 1, 2 and 3
     frames, no hand ever detected, every other frame empty, 615 frames (GSL's longest), one frame repeated,
-    one gloss and one word, a 20-word text ending in the Greek question mark, x and y only in float16, four
-    coordinates in float64, a gloss never seen in training, an id in Greek with a space and a comma. The
-    annotations are saved as a spreadsheet saves "CSV UTF-8": a byte-order mark, CRLF, columns in another
-    order, an extra column, padded fields, split names in capitals, dev for val, a blank last line. The
-    alignments cut a segment at the clip's end. Three ordinary samples complete the test split. Returns (folder,
-    the awkward test ids in order)."""
+    one gloss and one word (its segment between two frames the model reads), a 20-word text ending in the
+    Greek question mark, x and y only in float16, four coordinates in float64, a gloss never seen in
+    training, an id in Greek with a space and a comma, two people. Both CSV files are saved as a spreadsheet
+    saves "CSV UTF-8" (a byte-order mark, CRLF); the annotations have columns in another order, an extra
+    column, padded fields, split names in capitals, dev for val, a blank line and an empty row. The
+    alignments cut a segment at the clip's end and name an id that is not annotated. Three ordinary samples
+    complete the test split. Returns (folder, the awkward test ids in order)."""
     rows = list(csv.DictReader(open(os.path.join(base, "annotations.csv"), encoding="utf-8")))
     os.makedirs(os.path.join(out, "poses"))
     for r in rows:
@@ -2432,6 +2433,7 @@ def make_awkward_gsl(base, out):
         "xyzv_float64": (np.concatenate([donor, np.ones_like(donor[..., :1])], -1).astype(np.float64), *like(6)),
         "unseen_gloss": (donor, test[7]["gloss"] + " ΑΓΝΩΣΤΟ", test[7]["text"] + " άγνωστο"),
         "Ελληνικό όνομα, με κόμμα": (donor, *like(8)),
+        "two_people": (np.concatenate([donor, donor[:, :1] + 0.3], 1), *like(9)),   # the first is read
     }
     for sid, (array, _, _) in clips.items():
         np.save(os.path.join(out, "poses", sid + ".npy"), array)
@@ -2442,15 +2444,18 @@ def make_awkward_gsl(base, out):
     table += [[{"val": "dev"}.get(r["split"], r["split"]), r["id"], r["gloss"], r["text"], "x"] for r in rows
               if r["split"] != "test" or r in test[:3]]                  # three ordinary test samples
     with open(os.path.join(out, "annotations.csv"), "w", newline="", encoding="utf-8-sig") as f:
-        csv.writer(f, lineterminator="\r\n").writerows([["split", "id", "gloss", "text", "signer"]] + table + [[]])
+        csv.writer(f, lineterminator="\r\n").writerows([["split", "id", "gloss", "text", "signer"]] + table + [[]]
+                                                       + [["", "", "", "", ""]])          # a spreadsheet's ",,,,"
+    kept = {row[1] for row in table}
     with open(os.path.join(base, "alignments.csv"), encoding="utf-8") as f:
-        segments = list(csv.reader(f))
+        segments = [s for n, s in enumerate(csv.reader(f)) if n == 0 or s[0] in kept]
     donor_segments = [s[1:] for s in segments if s[0] == test[0]["id"]]
     segments += [[sid] + s for sid in ("no_hands", "every_other_empty", "long615", "twenty_words") for s in donor_segments]
-    segments += [["one frame", 0, test[1]["gloss"].split()[0], 0, 1], ["one_gloss", 0, "ΓΕΙΑ", 5, 20],
-                 ["two_frames", 0, test[2]["gloss"].split()[0], 0, 50]]                   # past the clip's end
-    with open(os.path.join(out, "alignments.csv"), "w", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerows(segments)
+    segments += [["one frame", 0, test[1]["gloss"].split()[0], 0, 1], ["one_gloss", 0, "ΓΕΙΑ", 5, 6],
+                 ["two_frames", 0, test[2]["gloss"].split()[0], 0, 50],                   # past the clip's end
+                 ["renamed_since", 0, "ΓΕΙΑ", 0, 9]]                                      # not in annotations.csv
+    with open(os.path.join(out, "alignments.csv"), "w", newline="", encoding="utf-8-sig") as f:
+        csv.writer(f, lineterminator="\r\n").writerows(segments)
     return out, list(clips)
 
 
@@ -2490,13 +2495,18 @@ def test_awkward_annotations_are_read_as_written(awkward):
     _, data, ids, printed = awkward
     records = {r.id: r for r in sa.load_records(data, sa.DataConfig())}
     assert set(ids) <= set(records) and len(records) == 35 + len(ids) + 4
+    assert np.array_equal(records["two_people"].frames, records["twenty_words"].frames, equal_nan=True)   # the first
     assert records["twenty_words"].text[-1] == "πού" + GREEK_QUESTION_MARK and len(records["twenty_words"].text) == 20
     assert records["one frame"].split == "test" and records["one frame train"].split == "train"
     assert {r.split for r in records.values()} == set(sa.SPLITS)                         # dev is val
     assert records["one_gloss"].gloss == ["ΓΕΙΑ"] and records["frozen"].frames.shape == (40, 150)
-    assert "52 samples (train 20, val 16, test 16)" in printed
+    assert "53 samples (train 20, val 16, test 17)" in printed
+    assert "alignments.csv: rows of 1 id(s) not in annotations.csv left out: renamed_since" in printed
     segments = sa.read_alignments(data)
     assert segments["two_frames"] == [(0, records["two_frames"].gloss[0], 0, 2)]      # cut at the clip's end
+    assert "renamed_since" not in segments and segments["one_gloss"] == [(0, "ΓΕΙΑ", 5, 6)]
+    one_gloss = dict(tokens=["ΓΕΙΑ", sa.EOS], gloss_reference=["ΓΕΙΑ"], frames=15)
+    assert ex.token_segments(one_gloss, segments["one_gloss"], 2, "gloss", None) == []   # no frame read in [5, 6)
 
 
 def test_every_mode_on_awkward_data(awkward):
@@ -2735,3 +2745,43 @@ def test_perturbation_with_fewer_frames_than_steps():
     assert removed[0, 0].tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]                # 3 frames: 0.4 * 3 >= 1
     assert removed[1, 0].tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]                # 2 frames: never both
     assert torch.equal(removed[:, 0], removed[:, 1])
+
+
+def test_skipped_samples_leave_their_alignment_rows_out(tiny_run, tiny_gsl, tmp_path):
+    """--skip-bad skips a clip of zero frames and a second row of an id; their alignments.csv rows are not
+    checked against them, the count is printed, and the command goes on."""
+    cwd, _ = tiny_run
+    folder = copy_gsl(tiny_gsl, str(tmp_path / "d"), lambda rows: rows + [[rows[1][0], "β", "Β Β", "train"]])
+    shutil.copy(os.path.join(tiny_gsl, "alignments.csv"), folder)
+    test_id = sorted(f for f in os.listdir(os.path.join(folder, "poses")) if "signer3" in f)[0]
+    os.remove(os.path.join(folder, "poses", test_id))
+    write_pose(folder, test_id[:-4], np.zeros((0, 1, 543, 3), np.float32))
+    code, printed = run_here(["eval", "r", "--data", folder], cwd)
+    assert code == 2 and "zero frames" in printed and len(printed.strip().splitlines()) == 1
+    code, printed = run_here(["eval", "r", "--data", folder, "--skip-bad"], cwd)
+    assert code == 0 and "skipped 2 bad sample(s)" in printed and re.search(r"test +15 ", printed), printed
+    records = sa.load_records(folder, sa.DataConfig(), ("train",), on_bad=lambda message: None)
+    import run as cli
+    segments = sa.read_alignments(folder, samples=cli.samples_of(records))
+    assert len(segments) == 16 and all("signer1" in sid for sid in segments)
+
+
+def test_perturb_skips_samples_with_one_real_frame_behind_masked_ones():
+    """With --mask-empty a sample's only detected frame may come after empty ones: one real frame still."""
+    import run as cli
+    mask = torch.tensor([[False, False, False, True], [True, True, True, True], [True, False, False, False]])
+    samples = [dict(id=str(b), frames=int(sa.frame_lengths(mask)[b]), relevance={"x": torch.zeros(1, 4)})
+               for b in range(3)]
+    assert cli.perturbable("r", "test", samples, mask, ["x"]) == [1]
+    with pytest.raises(sa.DataError, match="every test sample has one frame"):
+        cli.perturbable("r", "test", [samples[0], samples[2]], mask[[0, 2]], ["x"])
+
+
+def test_entropy_figure_names_what_no_row_defines():
+    import run as cli
+    numbers = dict(entropy={"encoder_self": [torch.rand(1, 4, dtype=torch.float64)],
+                            "decoder_self": [torch.full((1, 4), float("nan"), dtype=torch.float64)]})
+    fig = cli.figure_entropy(numbers, "test", {})
+    texts = [[t.get_text() for t in ax.texts] for ax in fig.axes if ax.get_title()]
+    assert texts == [[], ["undefined: no row sees\ntwo keys or more"]]
+    cli.pyplot().close(fig)
