@@ -461,7 +461,7 @@ def _read_csv(path, required):
             reader.fieldnames = names
             rows = []
             for row in reader:
-                if all(not (v or "").strip() for k, v in row.items() if k is not None) and None not in row:
+                if None not in row and not any((v or "").strip() for v in row.values()):
                     continue                                     # ",,," : a spreadsheet's empty row
                 if None in row:                                  # more fields than the header names
                     raise DataError(f"{path}: line {reader.line_num}: {len(names) + len(row[None])} fields where "
