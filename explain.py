@@ -33,6 +33,8 @@ from signattention import (EOS, Vocabulary, beam_search, bleu_from_statistics, b
 METHODS = ("attention", "rollout", "gradcam", "saliency", "input_x_gradient", "integrated_gradients", "lrp",
            "partial_lrp", "transformer_attribution", "generic", "dsmi", "dsmi_grad", "dsmi_grad_attn", "random")
 SIGNED = {"input_x_gradient", "integrated_gradients", "lrp"}
+# the methods that also give relevance (n, n) over the decoder inputs (explain's return_tokens)
+TOKEN_RELEVANCE = ("attention", "lrp", "transformer_attribution", "generic")
 # LRP's residual rule divides by a + b, which can nearly cancel element-wise (relevance sums then grow a
 # hundredfold inside one add): in float32 the rounding of the forward pass decides these methods' maps for
 # about a fifth of the tokens of the trained default model. They are computed in float64.
@@ -93,8 +95,7 @@ def explain(model, src, src_mask, out_tokens, method="generic", return_tokens=Fa
         for layer, branches in zip(model.decoder, saved[1]):
             layer.branches = branches
         model.train(training)
-    has_tokens = method in ("attention", "lrp", "transformer_attribution", "generic")
-    return (frames, tokens if has_tokens else None) if return_tokens else frames
+    return (frames, tokens if method in TOKEN_RELEVANCE else None) if return_tokens else frames
 
 
 def extract_batch(model, dataset, indices, methods, beam=1, alpha=1.0, device="cpu", seconds=None):

@@ -1,7 +1,7 @@
-"""Command line of the signattention package: poses, train, eval (and, built on them, the explanation modes).
+"""Command line of the signattention package: one section per mode, each opening with its entry point.
 
     python run.py poses PATH [--out data/NAME] [--annotations ann.csv] [--workers N] [--shard K/N]
-    python run.py train                      # synthetic GSL, default model, about 4 minutes on 2 CPU cores
+    python run.py train                      # synthetic GSL, default model, about 6 minutes on 2 CPU cores
     python run.py train --preset signattention
     python run.py train --data PATH [--format gsl|pose|signjoey] [--signcl 0.01]
     python run.py train --resume runs/<name>
@@ -12,7 +12,17 @@
     python run.py view [RUN] [--limit K]          # one offline HTML file: samples, signer, every method
     python run.py perturb [RUN] [--level token|sentence] [--perturb-mode mask|zero] [--limit K]
 
-This is the only module that parses arguments, lays out run folders and prints progress.
+Every mode is a function of one configuration dataclass, which is also its command line: each field's help
+and range sit in its metadata, from which the parser at the end of this file is built. A mode runs from
+Python as it runs from the shell:
+
+    import run
+    run.train(run.TrainConfig(data="data/synthetic_gsl", overrides=dict(epochs=5, signcl=0.01)))
+    run.extract(run.ExtractConfig(run="runs/<name>", methods="generic,lrp", limit=20))
+
+The sections: configuration and what the modes share, then poses, train, eval, extract, bench, plot, view,
+perturb, and the command line. This is the only module that parses arguments, lays out run folders and
+prints progress.
 """
 import argparse
 import base64
@@ -28,27 +38,35 @@ import os
 import re
 import sys
 import time
+import types
+import typing
 import zlib
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import explain
 import signattention as sa
-import sign_cl
-from sign_cl import SignCL, sdr
+from sign_cl import sdr
 from signattention import option
 
+# ----------------------------------------------------------------------------------------------------
+# Configuration: one dataclass per mode, which is its command line
+# ----------------------------------------------------------------------------------------------------
+
 SYNTHETIC = os.path.join("data", "synthetic_gsl")
-
-
 METRICS = ("bleu4", "accuracy", "wer", "ce")         # validation metrics a run can select or stop on
+LOWER_IS_BETTER = ("wer", "ce")
+DEVICES = ("auto", "cpu", "cuda")
+SEEDS = dict(low=0, high=2 ** 63 - 1)
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass
-class TrainConfig:
+class Recipe:
+    """How a model is trained, evaluated and selected: the "train" section of a run's configuration (beside
+    signattention's DataConfig and ModelConfig), saved in config.json and every checkpoint."""
     epochs: int = option(30, "training epochs", low=1)
     batch_size: int = option(32, "samples per batch", low=1)
     lr: float = option(1e-3, "peak learning rate (AdamW)", low=0.0, open_low=True)
@@ -65,10 +83,10 @@ class TrainConfig:
     patience: int = option(0, "early stopping after this many epochs without improvement (0: off)", low=0)
     beam: int = option(4, "beam size of the final evaluation (1: greedy)", low=1)
     alpha: float = option(1.0, "length penalty exponent of the beam search", low=0.0)
-    seed: int = 0                       # the modes' --seed
+    seed: int = option(0, "random seed of the initialisation, data order, augmentation and dropout", **SEEDS)
 
 
-# Each preset names the values that differ from the dataclass defaults above.
+# Each preset names the values that differ from the dataclass defaults (DataConfig, ModelConfig, Recipe).
 PRESETS = {
     "default": dict(data={}, model={}, train={}),
     # Dal Bianco, Stanchi et al. 2024, as pedroodb/sign_attention trains it (src/KeypointsTransformer.py,
@@ -85,64 +103,190 @@ PRESETS = {
                    label_smoothing=0.0, ctc_weight=0.0, grad_clip=0.0, select="ce", stop_on="accuracy",
                    patience=30, beam=1)),
 }
+SECTIONS = dict(data=sa.DataConfig, model=sa.ModelConfig, train=Recipe)    # what train's options override
+
+
+def parse_shard(text):
+    """--shard K/N -> (K, N), 1 <= K <= N (a (K, N) pair is checked as its text)."""
+    if isinstance(text, tuple):
+        text = "/".join(map(str, text))
+    k, slash, n = text.partition("/")
+    if not (slash and k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not K/N with 1 <= K <= N (e.g. 2/8)")
+    return int(k), int(n)
+
+
+@dataclass
+class PosesConfig:
+    """python run.py poses: real recordings into the dataset layout train reads, with MediaPipe Holistic."""
+    path: str = option(MISSING, "a GSL or PHOENIX-2014-T tree, a folder of videos, or a folder of frame folders",
+                       positional=True)
+    out: str | None = option(None, "dataset folder to write (default: data/<name of the source folder>)")
+    source: str | None = option(None, "what the folder holds (default: recognised from its files)",
+                                choices=("gsl", "phoenix", "videos", "frames"))
+    annotations: str | None = option(None, "videos and frame folders: a CSV with id,text,gloss,split (ids: the "
+                                     "video file names without extension, or the frame folder names)", metavar="FILE")
+    split_files: tuple = option((), "GSL: the split files (default: gsl_split_<protocol>_train/dev/test.csv found "
+                                "under the folder)", nargs="+", metavar="FILE")
+    text_file: str | None = option(None, "GSL: merged_continuous.csv (default: found under the folder)",
+                                   metavar="FILE")
+    protocol: str = option("SI", "GSL: signer-independent or signer-dependent split files", choices=("SI", "SD"))
+    workers: int = option(CORES, "clips converted in parallel, one process each (default: the cores)", low=1)
+    shard: tuple = option((1, 1), "convert only the K-th of N disjoint shards of the clips (N jobs, e.g. a SLURM "
+                          "array)", parse=parse_shard, metavar="K/N")
+    limit: int | None = option(None, "first K clips of the shard only", low=1)
+    model_complexity: int = option(1, "MediaPipe Holistic's model; only 1 ships with mediapipe 0.10.21",
+                                   choices=(0, 1, 2))
+    skip_bad: bool = option(False, "skip bad annotation rows with a warning instead of stopping")
+
+
+@dataclass
+class TrainConfig:
+    """python run.py train: a new run from a preset with some of its values overridden, or --resume of an
+    interrupted run. `overrides` holds those values by field name ({"epochs": 5, "d_model": 64}): every field
+    of sa.DataConfig, sa.ModelConfig and Recipe that has help is an option of its own (--epochs, --d-model)."""
+    data: str = option(SYNTHETIC, f"dataset folder or signjoey prefix (default {SYNTHETIC}, generated if missing)")
+    format: str = option("gsl", "dataset layout of --data: the GSL folder layout (poses/<id>.npy), the same with "
+                         "pose-format .pose files, or signjoey feature pickles (see README)",
+                         choices=("gsl", "pose", "signjoey"))
+    preset: str = option("default", "configuration to start from; the options below override it (their defaults "
+                         "are the default preset's)", choices=tuple(sorted(PRESETS)))
+    out: str | None = option(None, "run folder (default: runs/<time>-<data>-<preset>)")
+    resume: str | None = option(None, "continue an interrupted run from its last checkpoint (its configuration "
+                                "holds; --epochs may extend it)", metavar="RUN")
+    device: str = option("auto", "where to compute", choices=DEVICES)
+    skip_bad: bool = option(False, "skip bad samples with a warning instead of stopping")
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    """What every mode that reads a trained run shares: the run, its data and the split."""
+    run: str | None = option(None, "run folder (default: the most recent under runs/)", positional=True)
+    data: str | None = option(None, "dataset folder (default: the run's)")
+    split: str = option("test", "split to read", choices=sa.SPLITS)
+    device: str = option("auto", "where to compute", choices=DEVICES)
+    skip_bad: bool = option(False, "skip bad samples with a warning instead of stopping")
+
+
+@dataclass
+class EvalConfig(RunConfig):
+    """python run.py eval: decode a split with a checkpoint and print its metrics."""
+    checkpoint: str = option("best", "which checkpoint", choices=("best", "last"))
+    beam: int | None = option(None, "beam size (default: the run's)", low=1)
+
+
+@dataclass
+class ExtractConfig(RunConfig):
+    """python run.py extract: RUN/extract_<split>.pt, every attention map, the CTC posteriors and the relevance
+    of every method for each sample."""
+    methods: str = option("all", "comma-separated methods, or all")
+    batch_size: int = option(16, "samples per batch", low=1)
+    limit: int | None = option(None, "first K samples only", low=1)
+    beam: int | None = option(None, "beam size of the decoding (default: the run's)", low=1)
+
+
+@dataclass
+class BenchConfig(RunConfig):
+    """python run.py bench: batched explanations against the per-token loop, or (one of the flags) the
+    perturbation tests, the training step, or the cost against the video's length."""
+    methods: str = option("all", "comma-separated methods, or all")
+    batch_size: int = option(16, "samples per batch", low=1)
+    limit: int = option(20, "first K samples only", low=1)
+    perturb: bool = option(False, "time the token-level perturbation tests instead, against one forward per removal")
+    train: bool = option(False, "time our training step against the same model on torch.nn.Transformer's layers")
+    lengths: bool = option(False, "each method's seconds per token and peak memory for 50 to 600 frames")
+
+
+@dataclass
+class PlotConfig(RunConfig):
+    """python run.py plot: the figures of one sample, or (all) the global analyses of the split."""
+    sample: int = option(0, "index of the sample in the extraction", low=0)
+    all: bool = option(False, "the global analyses over the whole split")
+    animate: bool = option(False, "also a GIF of the skeleton with attention bars")
+    figure_type: str = option("png", "figure file type", choices=("png", "pdf", "svg"))
+
+
+@dataclass
+class ViewConfig(RunConfig):
+    """python run.py view: RUN/view_<split>.html, one offline page of every sample, token and method."""
+    limit: int | None = option(None, "first K samples only", low=1)
+
+
+@dataclass
+class PerturbConfig(RunConfig):
+    """python run.py perturb: perturbation tests (faithfulness) and the pointing game (plausibility)."""
+    methods: str = option("all", "comma-separated methods, or all (random is always added)")
+    level: str = option("token", "token: is each teacher-forced token still first; sentence: greedy decoding, "
+                        "accuracy, BLEU", choices=("token", "sentence"))
+    perturb_mode: str = option("mask", "mask: removed frames leave the encoder's key mask; zero: they are replaced "
+                               "by zeros", choices=explain.MODES)
+    limit: int | None = option(None, "first K samples only (a quick table)", low=1)
+    bootstrap: int = option(1000, "bootstrap resamples of the 95% intervals", low=10, high=100000)
+    seed: int = option(0, "seed of the tie-breaking and the bootstrap", **SEEDS)
+    figure_type: str = option("png", "figure file type", choices=("png", "pdf", "svg"))
+
+
+def value_kind(f):
+    """The Python type of a configuration field's values: int for `int | None`, and so on."""
+    if typing.get_origin(f.type) in (typing.Union, types.UnionType):             # X | None, Optional[X]
+        return next(t for t in typing.get_args(f.type) if t is not type(None))
+    return f.type
+
+
+def range_text(kind, meta):
+    """A field's range in words: "an integer >= 1", "a number > 0.0", "in 10 .. 100000"."""
+    if meta.get("high") is not None:
+        return f"in {meta.get('low')} .. {meta['high']}"
+    low = "" if meta.get("low") is None else f"{'>' if meta.get('open_low') else '>='} {meta['low']}"
+    return f"{'an integer' if kind is int else 'a number'} {low}"
+
+
+def out_of_range(value, kind, meta):
+    """Why a numeric value breaks its field's range (low, high, open_low in its metadata), or None."""
+    low, high = meta.get("low"), meta.get("high")
+    if not math.isfinite(value) or (low is not None and (value <= low if meta.get("open_low") else value < low)) \
+            or (high is not None and value > high):
+        return f"{value} is not {range_text(kind, meta)}"
+    return None
+
+
+def check_field(f, value, name):
+    """Refuse a value that the command line would refuse for field `f` (shown as `name`): DataError."""
+    meta, kind = f.metadata, value_kind(f)
+    if value is None or "help" not in meta or value == f.default:
+        return
+    if "parse" in meta:
+        try:
+            meta["parse"](value)
+        except argparse.ArgumentTypeError as e:
+            raise sa.DataError(f"{name}: {e}")
+        return
+    if "choices" in meta and value not in meta["choices"]:
+        raise sa.DataError(f"{name} {value!r}: choose from {', '.join(map(str, meta['choices']))}")
+    if kind in (int, float) and "choices" not in meta:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+            raise sa.DataError(f"{name} {value!r}: not {'an integer' if kind is int else 'a number'}")
+        why = out_of_range(value, kind, meta)
+        if why:
+            raise sa.DataError(f"{name}: {why}")
+
+
+def check(cfg):
+    """A mode's configuration checked as its command line checks it (choices and ranges), so that a mode called
+    from Python refuses what the shell would; train's overrides name fields of its sections."""
+    for f in fields(cfg):
+        check_field(f, getattr(cfg, f.name), "--" + f.name.replace("_", "-"))
+    overridable = {f.name: f for section in SECTIONS.values() for f in fields(section) if "help" in f.metadata}
+    for name, value in getattr(cfg, "overrides", {}).items():
+        if name not in overridable:
+            raise sa.DataError(f"overrides: {name!r} is not an option of train (see python run.py train --help)")
+        check_field(overridable[name], value, "--" + name.replace("_", "-"))
 
 
 # ----------------------------------------------------------------------------------------------------
-# Configuration and data
+# What the modes share: progress, processes, devices, files, data, and a trained run opened
 # ----------------------------------------------------------------------------------------------------
-
-def resolve_config(args):
-    """Preset values, overridden by the flags a user gave."""
-    preset = PRESETS[args.preset]
-    data = replace(sa.DataConfig(), **preset["data"])
-    model = replace(sa.ModelConfig(), **preset["model"])
-    train = replace(TrainConfig(), **preset["train"])
-    for section in (data, model, train):
-        for f in fields(section):
-            value = getattr(args, f.name, None)
-            if value is not None:
-                setattr(section, f.name, value)
-    if model.d_model % model.heads:
-        raise sa.DataError(f"--d-model {model.d_model}: must be a multiple of the {model.heads} attention heads")
-    if args.format == "signjoey" and getattr(args, "subsample", None) is None:
-        data.subsample = 1
-    data.format = args.format
-    return dict(data=asdict(data), model=asdict(model), train=asdict(train),
-                data_path=args.data or SYNTHETIC, preset=args.preset)
-
-
-def ensure_data(path, log):
-    """The synthetic GSL is generated on first use when the default data folder does not exist."""
-    if path == SYNTHETIC and not os.path.exists(os.path.join(path, "annotations.csv")):
-        start = time.time()
-        log(f"generating the synthetic GSL into {path} ...")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        sa.generate_synthetic_gsl(path)
-        log(f"generated the synthetic GSL in {time.time() - start:.1f}s")
-
-
-def read_data(path, data_cfg, splits, skip_bad, log):
-    skipped = []
-
-    def on_bad(message):
-        skipped.append(message)
-        log(f"warning: skipping bad sample: {message}")
-
-    records = sa.load_records(path, data_cfg, splits, on_bad if skip_bad else None)
-    if skipped:
-        log(f"warning: skipped {len(skipped)} bad sample(s)")
-    sa.read_alignments(path, data_cfg.format, samples_of(records), log)     # a bad row stops the command now
-    by_split = {s: [r for r in records if r.split == s] for s in splits}
-    for s in splits:
-        if not by_split[s]:
-            raise sa.DataError(f"{path}: no samples in the {s} split")
-    return by_split
-
-
-def samples_of(records):
-    """{id: (glosses, frames)} of the records read, which their rows of alignments.csv are checked against."""
-    return {r.id: (r.gloss, len(r.frames)) for r in records}
-
 
 def log(message):
     """Progress for the user: printed by the first process only when torchrun starts several."""
@@ -205,51 +349,190 @@ def to_device(batch, device):
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def format_time(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def write_text(path, text):
+    """Write a UTF-8 text file atomically: a reader sees the old file or the new one, never a part."""
+    sa.atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def csv_text(rows):
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    return buffer.getvalue()
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=1, ensure_ascii=False))
+
+
+def is_better(metric, value, best):
+    """Whether a validation value beats the best so far (None: nothing yet); wer and ce are lower-is-better."""
+    return best is None or (value < best if metric in LOWER_IS_BETTER else value > best)
+
+
+def best_of(metric, values):
+    """The best of a metric's values by is_better (None for none)."""
+    best = None
+    for value in values:
+        best = value if is_better(metric, value, best) else best
+    return best
+
+
+def ensure_data(path):
+    """The synthetic GSL is generated on first use when the default data folder does not exist."""
+    if path == SYNTHETIC and not os.path.exists(os.path.join(path, "annotations.csv")):
+        start = time.time()
+        log(f"generating the synthetic GSL into {path} ...")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        sa.generate_synthetic_gsl(path)
+        log(f"generated the synthetic GSL in {time.time() - start:.1f}s")
+
+
+def read_data(path, data_cfg, splits, skip_bad):
+    """({split: records}, alignments): the samples of the splits (bad ones skipped with a warning when
+    `skip_bad`, else the first stops the command), and the rows of alignments.csv checked against them now,
+    before any work ({} without the file)."""
+    skipped = []
+
+    def on_bad(message):
+        skipped.append(message)
+        log(f"warning: skipping bad sample: {message}")
+
+    records = sa.load_records(path, data_cfg, splits, on_bad if skip_bad else None)
+    if skipped:
+        log(f"warning: skipped {len(skipped)} bad sample(s)")
+    alignments = sa.read_alignments(path, data_cfg.format, samples_of(records), log)
+    by_split = {s: [r for r in records if r.split == s] for s in splits}
+    for s in splits:
+        if not by_split[s]:
+            raise sa.DataError(f"{path}: no samples in the {s} split")
+    return by_split, alignments
+
+
+def samples_of(records):
+    """{id: (glosses, frames)} of the records read, which their rows of alignments.csv are checked against."""
+    return {r.id: (r.gloss, len(r.frames)) for r in records}
+
+
+def sdr_segments(alignments, recipe):
+    """Where SDR's frame labels come from: the true gloss segments where alignments.csv gave some, else {} (the
+    CTC Viterbi path of the gloss head) when the run trained one, else None (no SDR)."""
+    return alignments if alignments else ({} if recipe.ctc_weight > 0 else None)
+
+
+def latest_run(root="runs"):
+    runs = [os.path.join(root, d) for d in os.listdir(root)] if os.path.isdir(root) else []
+    runs = [r for r in runs if os.path.exists(os.path.join(r, "best.pt"))]
+    if not runs:
+        raise sa.DataError(f"{root}/: no trained run found (run `python run.py train` first)")
+    return max(runs, key=lambda r: os.path.getmtime(os.path.join(r, "best.pt")))
+
+
+def run_config(run_dir):
+    with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+@dataclass
+class TrainedRun:
+    """A trained run opened by a mode: its folder, a checkpoint, the model on the device, and one split of the
+    data (--data, else the run's) with the run's vocabularies and its checked alignments."""
+    dir: str
+    state: dict                  # the checkpoint: model, optimizer, config, gloss_vocab, text_vocab, epoch, history
+    recipe: Recipe
+    model: torch.nn.Module
+    split: str
+    dataset: sa.SignDataset
+    alignments: dict             # {id: [(position, gloss, start, end)]} of the split's samples; {} without the file
+    device: torch.device
+    data_path: str
+
+    @property
+    def epoch(self):
+        return self.state["epoch"]
+
+
+def open_run(cfg, checkpoint="best"):
+    """The TrainedRun a RunConfig names: cfg.run (default the latest), its `checkpoint`, cfg.split of the data."""
+    device = device_of(cfg.device)
+    run_dir = cfg.run or latest_run()
+    state = sa.load_checkpoint(os.path.join(run_dir, f"{checkpoint}.pt"), device)
+    config = state["config"]
+    data_path = cfg.data or config["data_path"]
+    ensure_data(data_path)
+    data_cfg = sa.DataConfig(**config["data"])
+    records, alignments = read_data(data_path, data_cfg, (cfg.split,), cfg.skip_bad)
+    model = sa.model_from_checkpoint(state, device)
+    dataset = sa.SignDataset(records[cfg.split], data_cfg, sa.Vocabulary.from_list(state["gloss_vocab"]),
+                             sa.Vocabulary.from_list(state["text_vocab"]))
+    return TrainedRun(run_dir, state, Recipe(**config["train"]), model, cfg.split, dataset, alignments, device,
+                      data_path)
+
+
+def method_list(text):
+    methods = list(explain.METHODS) if text == "all" else [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in explain.METHODS]
+    if unknown:
+        raise sa.DataError(f"--methods: unknown method(s) {', '.join(unknown)} (choose from all, "
+                           f"{', '.join(explain.METHODS)})")
+    return methods
+
+
+def segment_sources(data_path, layout, target, alignments=None):
+    """(alignments, links): the true gloss segments of the data (alignments.csv, read and checked here unless
+    given; {} without the file) and, for a text decoder with segments, the word-gloss links of the data's
+    training split that tell which word realises which gloss (else None)."""
+    if alignments is None:
+        alignments = sa.read_alignments(data_path, layout, log=log)
+    links = None
+    if alignments and target == "text":
+        links = sa.gloss_links([(g, t) for _, split, g, t in sa.read_annotations(data_path) if split == "train"])
+    return alignments, links
+
+
 # ----------------------------------------------------------------------------------------------------
 # Poses: real recordings into the SignAttention layout, with MediaPipe Holistic
 # ----------------------------------------------------------------------------------------------------
 
-def shard_of(clips, shard):
-    """Shard (k, n): every n-th clip of the id-sorted list from the k-th on, so the n shards are disjoint,
-    cover every clip once and mix long and short recordings alike on every machine."""
-    k, n = shard
-    return sorted(clips, key=lambda c: c.id)[k - 1::n]
-
-
-def poses(args):
+def poses(cfg):
     """Convert a source folder into the dataset layout: metadata.json, poses/<id>.npy per clip (skipping clips
     whose pose file is complete), failures.csv (id, file, reason; one per shard), and annotations.csv of the
     clips converted so far (with shards: by all of them). Returns 1 when a clip could not be read."""
-    if args.model_complexity != 1:
-        raise sa.DataError(f"--model-complexity {args.model_complexity}: mediapipe 0.10.21 ships only the model of "
+    check(cfg)
+    if cfg.model_complexity != 1:
+        raise sa.DataError(f"--model-complexity {cfg.model_complexity}: mediapipe 0.10.21 ships only the model of "
                            "complexity 1 (0 and 2 would be downloaded, which this package never does)")
     if importlib.util.find_spec("mediapipe") is None:            # an optional install
         raise sa.DataError(f"python run.py poses needs MediaPipe, an optional install: {sa.POSES_INSTALL}")
-    source = args.source or sa.detect_source(args.path)
+    source = cfg.source or sa.detect_source(cfg.path)
     skipped = []
 
     def on_bad(message):
         skipped.append(message)
         log(f"warning: skipping a bad annotation row: {message}")
 
-    clips = sa.import_clips(args.path, source, args.annotations, args.split_files, args.text_file, args.protocol,
-                            on_bad if args.skip_bad else None)
-    out = args.out or os.path.join("data", os.path.basename(os.path.normpath(args.path)))
-    version = sa.mediapipe_version()
+    clips = sa.import_clips(cfg.path, source, cfg.annotations, cfg.split_files, cfg.text_file, cfg.protocol,
+                            on_bad if cfg.skip_bad else None)
+    out = cfg.out or os.path.join("data", os.path.basename(os.path.normpath(cfg.path)))
     os.makedirs(os.path.join(out, "poses"), exist_ok=True)
     sa.remove_stale_temporaries(os.path.join(out, "poses"))
     write_json(os.path.join(out, "metadata.json"), dict(
-        name=os.path.basename(os.path.normpath(args.path)), source=source, source_path=os.path.abspath(args.path),
+        name=os.path.basename(os.path.normpath(cfg.path)), source=source, source_path=os.path.abspath(cfg.path),
         keypoints="MediaPipe Holistic: 33 pose, 468 face, 21 left hand, 21 right hand; x, y in image units, z "
-                  "as given; NaN where a part was not detected", mediapipe=version,
+                  "as given; NaN where a part was not detected", mediapipe=sa.mediapipe_version(),
         holistic=sa.HOLISTIC, fps={"gsl": 30, "phoenix": 25}.get(source), aspect=frame_aspect(clips)))
-    mine = shard_of(clips, args.shard)[:args.limit]
+    k, n = cfg.shard
+    mine = shard_of(clips, cfg.shard)[:cfg.limit]
     todo = [c for c in mine if not sa.pose_file_complete(os.path.join(out, "poses", c.id + ".npy"))]
-    log(f"{source} source {args.path}: {len(clips)} clips" + (f", shard {args.shard[0]}/{args.shard[1]}: "
-        f"{len(mine)}" if args.shard[1] > 1 else "") + f"; {len(mine) - len(todo)} already converted, "
-        f"{len(todo)} to convert with {min(args.workers, max(1, len(todo)))} worker(s) into {out}")
-    failures = convert_clips(todo, out, args.workers)
-    name = "failures.csv" if args.shard[1] == 1 else f"failures_{args.shard[0]}of{args.shard[1]}.csv"
+    log(f"{source} source {cfg.path}: {len(clips)} clips" + (f", shard {k}/{n}: {len(mine)}" if n > 1 else "")
+        + f"; {len(mine) - len(todo)} already converted, {len(todo)} to convert with "
+        f"{min(cfg.workers, max(1, len(todo)))} worker(s) into {out}")
+    failures = convert_clips(todo, out, cfg.workers)
+    name = "failures.csv" if n == 1 else f"failures_{k}of{n}.csv"
     write_text(os.path.join(out, name), csv_text([["id", "file", "reason"]] + failures))
     listed = write_annotations(out, clips)
     log(f"{out}/annotations.csv lists the {listed} of {len(clips)} clips converted so far"
@@ -258,6 +541,13 @@ def poses(args):
         log(f"{len(failures)} of {len(todo)} clips failed: see {os.path.join(out, name)}")
         return 1
     return 0
+
+
+def shard_of(clips, shard):
+    """Shard (k, n): every n-th clip of the id-sorted list from the k-th on, so the n shards are disjoint,
+    cover every clip once and mix long and short recordings alike on every machine."""
+    k, n = shard
+    return sorted(clips, key=lambda c: c.id)[k - 1::n]
 
 
 def frame_aspect(clips):
@@ -290,7 +580,7 @@ def convert_clips(clips, out, workers):
     time left; returns the failures as [id, file, reason] rows."""
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
-    failures, frames, start, printed, done = [], 0, time.time(), 0.0, 0
+    failures, frame_count, start, printed, done = [], 0, time.time(), 0.0, 0
     pool = None
     if workers > 1 and len(clips) > 1:
         pool = ProcessPoolExecutor(min(workers, len(clips)), mp_context=multiprocessing.get_context("spawn"),
@@ -300,14 +590,14 @@ def convert_clips(clips, out, workers):
         results = (sa.convert_clip(c, out) for c in clips)
     try:
         for sid, count, failure in results:
-            done, frames = done + 1, frames + count
+            done, frame_count = done + 1, frame_count + count
             if failure:
                 failures.append([sid, *failure])
                 log(f"failed: {sid}: {failure[0]}: {failure[1]}")
             spent = time.time() - start
             if done == len(clips) or time.time() - printed >= 10:
                 printed = time.time()
-                log(f"poses: {done}/{len(clips)} clips  {frames} frames  {frames / spent:.1f} frames/s  "
+                log(f"poses: {done}/{len(clips)} clips  {frame_count} frames  {frame_count / spent:.1f} frames/s  "
                     f"ETA {format_time(spent / done * (len(clips) - done))}")
     except BrokenProcessPool:                                  # a worker died (out of memory, say)
         failures += [[c.id, c.path, "its worker process died"] for c in clips[done:]]
@@ -333,151 +623,35 @@ def worker_init(parent):
     threading.Thread(target=watch, daemon=True).start()
 
 
-
 # ----------------------------------------------------------------------------------------------------
-# Training
+# Train
 # ----------------------------------------------------------------------------------------------------
 
-def lr_factor(step, steps_per_epoch, cfg):
-    warm = cfg.warmup_epochs * steps_per_epoch
-    if warm and step < warm:
-        return (step + 1) / warm
-    if cfg.schedule == "constant":
-        return 1.0
-    progress = (step - warm) / max(1, cfg.epochs * steps_per_epoch - warm)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def write_text(path, text):
-    """Write a UTF-8 text file atomically: a reader sees the old file or the new one, never a part."""
-    sa.atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
-def csv_text(rows):
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerows(rows)
-    return buffer.getvalue()
-
-
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=1, ensure_ascii=False))
-
-
-def write_metrics(path, history):
-    write_text(path, "".join(json.dumps(h, ensure_ascii=False) + "\n" for h in history))
-
-
-LOWER_IS_BETTER = ("wer", "ce")
-
-
-def is_better(metric, value, best):
-    return best is None or (value < best if metric in LOWER_IS_BETTER else value > best)
-
-
-def epochs_since_best(history, metric):
-    """How many epochs have passed since the best value of `metric` (0: the last epoch is the best)."""
-    values = [h[metric] for h in history]
-    best = (min if metric in LOWER_IS_BETTER else max)(values)
-    return len(values) - 1 - max(i for i, v in enumerate(values) if v == best)
-
-
-def run_to_start(args, device, log):
-    """(run folder, configuration, last checkpoint or None): the run --resume names, or a new one from the
-    preset and the flags, in a folder that holds no run yet. The configuration records the processes."""
-    if args.resume:
-        state = sa.load_checkpoint(os.path.join(args.resume, "last.pt"), device)
-        config = dict(state["config"], world_size=WORLD.size)
-        if args.epochs is not None:
-            config["train"]["epochs"] = args.epochs
-        log(f"resuming {args.resume} after epoch {state['epoch']}")
-        return args.resume, config, state
-    config = dict(resolve_config(args), world_size=WORLD.size)
-    run_dir = WORLD.first(args.out or new_run_dir(config))        # a new run's name has the first process's time
-    if os.path.exists(os.path.join(run_dir, "last.pt")):
-        raise sa.DataError(f"{run_dir}: already holds a run (continue it with --resume {run_dir}, or pick another --out)")
-    return run_dir, config, None
-
-
-class Objective(torch.nn.Module):
-    """sa.training_loss as a module's forward, the call through which DistributedDataParallel averages the
-    processes' gradients."""
-
-    def __init__(self, model, cfg):
-        super().__init__()
-        self.model, self.cfg = model, cfg
-
-    def forward(self, batch):
-        return sa.training_loss(self.model, batch, self.cfg.label_smoothing, self.cfg.ctc_weight)
-
-
-def objective_for(model, train_cfg, device):
-    """The training objective as a module; under torchrun wrapped in DistributedDataParallel (gloo on the
-    CPU, nccl on CUDA), which averages the processes' gradients."""
-    if WORLD.size == 1:
-        return Objective(model, train_cfg)
-    return torch.nn.parallel.DistributedDataParallel(
-        Objective(model, train_cfg), device_ids=[device] if device.type == "cuda" else None,
-        find_unused_parameters=train_cfg.ctc_weight == 0)                      # the gloss head then idles
-
-
-def train_epoch(model, objective, optimizer, dataset, train_cfg, epoch, steps_per_epoch, device):
-    """One epoch over the training split; its data order, augmentation and dropout are drawn from (seed, epoch),
-    so a resumed run draws what an uninterrupted one would. Under torchrun every process draws the same
-    global batches and takes its share of each (with its own augmentation and dropout); its loss is weighted
-    by its share, so the averaged gradient is the global batch's. Returns the mean loss per sample."""
-    seed = train_cfg.seed * 100003 + epoch
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    batches = dataset.batches(train_cfg.batch_size, generator, shuffle=True)
-    if WORLD.size > 1:
-        torch.manual_seed(seed * 1009 + WORLD.rank)
-        generator = torch.Generator().manual_seed(seed * 1009 + WORLD.rank)
-    objective.train()
-    signcl, total, count = SignCL(), 0.0, 0
-    for b, indices in enumerate(batches):
-        step = (epoch - 1) * steps_per_epoch + b
-        for group in optimizer.param_groups:
-            group["lr"] = train_cfg.lr * lr_factor(step, steps_per_epoch, train_cfg)
-        share = WORLD.mine(indices)
-        batch = to_device(dataset.batch(share or indices[:1], generator), device)     # a step for every process
-        loss, memory = objective(batch)
-        if train_cfg.signcl > 0:
-            margin = sign_cl.batch_margins(batch["src_mask"], batch["tgt_out"], model.pad_id)
-            loss = loss + train_cfg.signcl * signcl(memory, margin, batch["src_mask"], generator)
-        total, count = total + loss.item() * len(share), count + len(share)
-        if WORLD.size > 1:
-            loss = loss * (len(share) * WORLD.size / len(indices))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if train_cfg.grad_clip > 0:                                # clipping at 0 would zero every gradient
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
-        optimizer.step()
-    totals = WORLD.gather((total, count))
-    return sum(t for t, _ in totals) / sum(c for _, c in totals)
-
-
-def train(args):
-    device = device_of(args.device)
-    run_dir, config, state = run_to_start(args, device, log)
-    train_cfg, data_path = TrainConfig(**config["train"]), config["data_path"]
+def train(cfg):
+    """Train a model: a new run from cfg's preset and overrides (or the run cfg.resume names), one epoch after
+    another, each checkpointed (last.pt, and best.pt by the recipe's validation metric); then the best
+    checkpoint evaluated on val and test (results.json, translations.csv). Under torchrun each process
+    takes a share of every batch (see train_epoch)."""
+    check(cfg)
+    device = device_of(cfg.device)
+    run_dir, config, state = run_to_start(cfg, device)
+    recipe, data_path = Recipe(**config["train"]), config["data_path"]
     if WORLD.main:
-        ensure_data(data_path, log)
+        ensure_data(data_path)
     WORLD.wait()
     start = time.time()
-    records = read_data(data_path, sa.DataConfig(**config["data"]), sa.SPLITS, args.skip_bad, log)
-    torch.manual_seed(train_cfg.seed)
+    records, alignments = read_data(data_path, sa.DataConfig(**config["data"]), sa.SPLITS, cfg.skip_bad)
+    torch.manual_seed(recipe.seed)
     model, datasets, gloss_vocab, text_vocab = sa.build_model(config, records)
     model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
-    steps_per_epoch = len(datasets["train"].batches(train_cfg.batch_size))
-    history, first_epoch = [], 1
+    optimizer = optimizer_for(model, recipe)
+    history = []
     if state is not None:
         if state["gloss_vocab"] != gloss_vocab.itos or state["text_vocab"] != text_vocab.itos:
             raise sa.DataError(f"{data_path}: the training split changed since {run_dir} began (vocabulary differs)")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        history, first_epoch = state["history"], state["epoch"] + 1
-    objective = objective_for(model, train_cfg, device)
+        history = state["history"]
     if WORLD.main:
         os.makedirs(run_dir, exist_ok=True)
         write_json(os.path.join(run_dir, "config.json"), config)
@@ -485,35 +659,47 @@ def train(args):
         f"({', '.join(f'{s} {len(r)}' for s, r in records.items())}) read in {time.time() - start:.1f}s, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}"
         + (f", {WORLD.size} processes" if WORLD.size > 1 else ""))
-    best = (min if train_cfg.select in LOWER_IS_BETTER else max)(
-        (h[train_cfg.select] for h in history), default=None)
-    stop_on = train_cfg.stop_on or train_cfg.select
-    epoch_times = []
-    for epoch in range(first_epoch, train_cfg.epochs + 1):
-        tic = time.time()
-        loss = train_epoch(model, objective, optimizer, datasets["train"], train_cfg, epoch, steps_per_epoch, device)
-        val = evaluate(model, datasets["val"], train_cfg, device, beam=1)
-        record = dict(epoch=epoch, loss=loss, **val["metrics"], seconds=time.time() - tic)
-        history.append(record)
-        improved = is_better(train_cfg.select, record[train_cfg.select], best)
-        best = record[train_cfg.select] if improved else best
-        if WORLD.main:                                   # every process holds the same model and metrics
-            state = sa.training_state(model, optimizer, config, gloss_vocab, text_vocab, epoch, history)
-            if improved:
-                sa.save_checkpoint(os.path.join(run_dir, "best.pt"), state)
-            sa.save_checkpoint(os.path.join(run_dir, "last.pt"), state)
-            write_metrics(os.path.join(run_dir, "metrics.jsonl"), history)
-        epoch_times.append(time.time() - tic)
-        eta = sum(epoch_times) / len(epoch_times) * (train_cfg.epochs - epoch)
-        log(f"epoch {epoch:3d}/{train_cfg.epochs}  loss {record['loss']:.3f}  "
-            + progress_metrics(record, config["data"]["target"])
-            + f"  {record['seconds']:.1f}s  ETA {format_time(eta)}" + ("  *" if improved else ""))
-        if train_cfg.patience and epochs_since_best(history, stop_on) >= train_cfg.patience:
-            log(f"early stop: no better validation {stop_on} for {train_cfg.patience} epochs")
-            break
+    fit(run_dir, config, model, optimizer, datasets, (gloss_vocab, text_vocab), history, device)
     WORLD.wait()                                         # best.pt is written
-    report(run_dir, datasets, train_cfg, device, log, data_path)
+    evaluated = {r.id for split in ("val", "test") for r in records[split]}       # what report measures SDR on
+    report(run_dir, datasets, recipe, device,
+           sdr_segments({i: rows for i, rows in alignments.items() if i in evaluated}, recipe))
     log(f"done in {format_time(time.time() - start)}; run folder {run_dir}")
+
+
+def run_to_start(cfg, device):
+    """(run folder, configuration, last checkpoint or None): the run cfg.resume names, or a new one from the
+    preset and the overrides, in a folder that holds no run yet. The configuration records the processes."""
+    if cfg.resume:
+        state = sa.load_checkpoint(os.path.join(cfg.resume, "last.pt"), device)
+        config = dict(state["config"], world_size=WORLD.size)
+        if "epochs" in cfg.overrides:
+            config["train"]["epochs"] = cfg.overrides["epochs"]
+        log(f"resuming {cfg.resume} after epoch {state['epoch']}")
+        return cfg.resume, config, state
+    config = dict(resolve_config(cfg), world_size=WORLD.size)
+    run_dir = WORLD.first(cfg.out or new_run_dir(config))        # a new run's name has the first process's time
+    if os.path.exists(os.path.join(run_dir, "last.pt")):
+        raise sa.DataError(f"{run_dir}: already holds a run (continue it with --resume {run_dir}, or pick another --out)")
+    return run_dir, config, None
+
+
+def resolve_config(cfg):
+    """The preset's sections, with cfg.overrides on top: {data, model, train, data_path, preset}."""
+    preset = PRESETS[cfg.preset]
+    sections = {name: replace(kind(), **preset[name]) for name, kind in SECTIONS.items()}
+    for section in sections.values():
+        for f in fields(section):
+            if f.name in cfg.overrides:
+                setattr(section, f.name, cfg.overrides[f.name])
+    data, model = sections["data"], sections["model"]
+    if model.d_model % model.heads:
+        raise sa.DataError(f"--d-model {model.d_model}: must be a multiple of the {model.heads} attention heads")
+    if cfg.format == "signjoey" and "subsample" not in cfg.overrides:
+        data.subsample = 1
+    data.format = cfg.format
+    return dict({name: asdict(section) for name, section in sections.items()}, data_path=cfg.data or SYNTHETIC,
+                preset=cfg.preset)
 
 
 def new_run_dir(config):
@@ -526,9 +712,120 @@ def new_run_dir(config):
     return path + ("" if suffix == 1 else f"-{suffix}")
 
 
-def format_time(seconds):
-    seconds = int(round(seconds))
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+def fit(run_dir, config, model, optimizer, datasets, vocabularies, history, device):
+    """The epochs after the history's last: train one, validate (greedy), checkpoint (best.pt when the recipe's
+    metric improved, last.pt always), print; until the last epoch or early stopping. Appends to `history`."""
+    recipe = Recipe(**config["train"])
+    objective = objective_for(model, recipe, device)
+    steps_per_epoch = len(datasets["train"].batches(recipe.batch_size))
+    best = best_of(recipe.select, (h[recipe.select] for h in history))
+    stop_on = recipe.stop_on or recipe.select
+    epoch_times, first = [], history[-1]["epoch"] + 1 if history else 1
+    for epoch in range(first, recipe.epochs + 1):
+        tic = time.time()
+        loss = train_epoch(model, objective, optimizer, datasets["train"], recipe, epoch, steps_per_epoch, device)
+        val = evaluate_split(model, datasets["val"], recipe, device, beam=1)
+        record = dict(epoch=epoch, loss=loss, **val["metrics"], seconds=time.time() - tic)
+        history.append(record)
+        improved = is_better(recipe.select, record[recipe.select], best)
+        best = record[recipe.select] if improved else best
+        if WORLD.main:                                   # every process holds the same model and metrics
+            state = sa.training_state(model, optimizer, config, *vocabularies, epoch, history)
+            if improved:
+                sa.save_checkpoint(os.path.join(run_dir, "best.pt"), state)
+            sa.save_checkpoint(os.path.join(run_dir, "last.pt"), state)
+            write_metrics(os.path.join(run_dir, "metrics.jsonl"), history)
+        epoch_times.append(time.time() - tic)
+        eta = sum(epoch_times) / len(epoch_times) * (recipe.epochs - epoch)
+        log(f"epoch {epoch:3d}/{recipe.epochs}  loss {record['loss']:.3f}  "
+            + progress_metrics(record, config["data"]["target"])
+            + f"  {record['seconds']:.1f}s  ETA {format_time(eta)}" + ("  *" if improved else ""))
+        if recipe.patience and epochs_since_best(history, stop_on) >= recipe.patience:
+            log(f"early stop: no better validation {stop_on} for {recipe.patience} epochs")
+            break
+
+
+def optimizer_for(model, recipe):
+    """AdamW at the recipe's peak rate and weight decay (with 0, Adam); train_epoch sets each step's rate."""
+    return torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+
+
+def epochs_since_best(history, metric):
+    """How many epochs have passed since the best value of `metric` (0: the last epoch is the best)."""
+    values = [h[metric] for h in history]
+    best = best_of(metric, values)
+    return len(values) - 1 - max(i for i, v in enumerate(values) if v == best)
+
+
+class Objective(torch.nn.Module):
+    """sa.training_loss as a module's forward, the call through which DistributedDataParallel averages the
+    processes' gradients."""
+
+    def __init__(self, model, recipe):
+        super().__init__()
+        self.model, self.recipe = model, recipe
+
+    def forward(self, batch, generator):
+        r = self.recipe
+        return sa.training_loss(self.model, batch, r.label_smoothing, r.ctc_weight, r.signcl, generator)
+
+
+def objective_for(model, recipe, device):
+    """The training objective as a module; under torchrun wrapped in DistributedDataParallel (gloo on the
+    CPU, nccl on CUDA), which averages the processes' gradients."""
+    if WORLD.size == 1:
+        return Objective(model, recipe)
+    return torch.nn.parallel.DistributedDataParallel(
+        Objective(model, recipe), device_ids=[device] if device.type == "cuda" else None,
+        find_unused_parameters=recipe.ctc_weight == 0)                      # the gloss head then idles
+
+
+def train_epoch(model, objective, optimizer, dataset, recipe, epoch, steps_per_epoch, device):
+    """One epoch over the training split; its data order, augmentation, dropout and SignCL's sampling are
+    drawn from (seed, epoch), so a resumed run draws what an uninterrupted one would. Under torchrun every
+    process draws the same global batches and takes its share of each (with its own augmentation and
+    dropout); its loss is weighted by its share, so the averaged gradient is the global batch's. Returns the
+    mean loss per sample."""
+    seed = recipe.seed * 100003 + epoch
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    batches = dataset.batches(recipe.batch_size, generator, shuffle=True)
+    if WORLD.size > 1:
+        torch.manual_seed(seed * 1009 + WORLD.rank)
+        generator = torch.Generator().manual_seed(seed * 1009 + WORLD.rank)
+    objective.train()
+    total, count = 0.0, 0
+    for b, indices in enumerate(batches):
+        step = (epoch - 1) * steps_per_epoch + b
+        for group in optimizer.param_groups:
+            group["lr"] = recipe.lr * lr_factor(step, steps_per_epoch, recipe)
+        share = WORLD.mine(indices)
+        batch = to_device(dataset.batch(share or indices[:1], generator), device)     # a step for every process
+        loss, _ = objective(batch, generator)
+        total, count = total + loss.item() * len(share), count + len(share)
+        if WORLD.size > 1:
+            loss = loss * (len(share) * WORLD.size / len(indices))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if recipe.grad_clip > 0:                                   # clipping at 0 would zero every gradient
+            torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+        optimizer.step()
+    totals = WORLD.gather((total, count))
+    return sum(t for t, _ in totals) / sum(c for _, c in totals)
+
+
+def lr_factor(step, steps_per_epoch, cfg):
+    warm = cfg.warmup_epochs * steps_per_epoch
+    if warm and step < warm:
+        return (step + 1) / warm
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - warm) / max(1, cfg.epochs * steps_per_epoch - warm)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def write_metrics(path, history):
+    write_text(path, "".join(json.dumps(h, ensure_ascii=False) + "\n" for h in history))
 
 
 def progress_metrics(m, target):
@@ -536,23 +833,35 @@ def progress_metrics(m, target):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Evaluation
+# Eval
 # ----------------------------------------------------------------------------------------------------
 
+def evaluate(cfg):
+    """Decode cfg.split with a checkpoint of the run (beam search), and print its metrics."""
+    check(cfg)
+    run = open_run(cfg, cfg.checkpoint)
+    recipe = run.recipe if cfg.beam is None else replace(run.recipe, beam=cfg.beam)
+    out = evaluate_split(run.model, run.dataset, recipe, run.device, alignments=sdr_segments(run.alignments, recipe))
+    out["metrics"]["samples"] = len(run.dataset)
+    log(f"{run.dir} ({cfg.checkpoint} checkpoint, epoch {run.epoch}) on {run.data_path} {cfg.split}:")
+    log(results_table({cfg.split: out["metrics"]}, run.dataset.cfg.target, recipe.beam))
+
+
 @torch.no_grad()
-def evaluate(model, dataset, train_cfg, device, beam=None, alignments=None, batch_size=64):
+def evaluate_split(model, dataset, recipe, device, beam=None, alignments=None, batch_size=64):
     """Decode a split; metrics of the decoder's target, gloss WER, token accuracy, the decoder's teacher-forced
     cross-entropy per token (ce, with the run's label smoothing), and translation rows.
 
     Gloss predictions come from the decoder when it writes glosses, otherwise from the CTC head. With
-    `alignments` ({id: segments}), SDR is measured on the encoder features at the gloss segment centres.
-    Under torchrun each process decodes every size-th batch (the batches one process would make) and every
-    process gathers the results in batch order, so the metrics are a one-process evaluation's.
+    `alignments` (sdr_segments: true segments, or {} for the CTC Viterbi path), SDR is measured on the encoder
+    features at the centre of each gloss occurrence. Under torchrun each process decodes every size-th
+    batch (the batches one process would make) and every process gathers the results in batch order, so the
+    metrics are a one-process evaluation's.
     """
     model.eval()
-    beam = train_cfg.beam if beam is None else beam
+    beam = recipe.beam if beam is None else beam
     target = dataset.cfg.target
-    mine = [(number, evaluate_batch(model, dataset, indices, train_cfg, device, beam, alignments))
+    mine = [(number, evaluate_batch(model, dataset, indices, recipe, device, beam, alignments))
             for number, indices in WORLD.mine(list(enumerate(dataset.batches(batch_size))))]
     rows, correct, tokens, loss, features, labels = [], 0, 0, 0.0, [], []
     for _, (r, c, n, l, f, g) in sorted((item for part in WORLD.gather(mine) for item in part), key=lambda x: x[0]):
@@ -574,21 +883,20 @@ def evaluate(model, dataset, train_cfg, device, beam=None, alignments=None, batc
     return dict(metrics=metrics, rows=rows)
 
 
-def evaluate_batch(model, dataset, indices, train_cfg, device, beam, alignments):
+def evaluate_batch(model, dataset, indices, recipe, device, beam, alignments):
     """(rows, correct tokens, tokens, summed cross-entropy, SDR features (on the CPU), their labels) of a batch."""
     target = dataset.cfg.target
     batch = to_device(dataset.batch(indices), device)
     memory = model.encode(batch["src"], batch["src_mask"])
-    logits = model.decode(memory, batch["src_mask"], batch["tgt_in"])
+    loss, logits = sa.decoder_loss(model, memory, batch, recipe.label_smoothing, reduction="sum")
     real = batch["tgt_out"] != model.pad_id
     correct, tokens = int(((logits.argmax(-1) == batch["tgt_out"]) & real).sum()), int(real.sum())
-    loss = float(F.cross_entropy(logits.flatten(0, 1), batch["tgt_out"].flatten(), ignore_index=model.pad_id,
-                                 label_smoothing=train_cfg.label_smoothing, reduction="sum"))
-    out = sa.beam_search(model, batch["src"], batch["src_mask"], beam, train_cfg.alpha, dataset.cfg.max_tokens + 1,
+    out = sa.beam_search(model, batch["src"], batch["src_mask"], beam, recipe.alpha, dataset.cfg.max_tokens + 1,
                          memory)
     predictions = [" ".join(dataset.target_vocab.decode(o)) for o in out.tolist()]
     gloss_logits = model.gloss_logits(memory)
     ctc = [" ".join(dataset.gloss_vocab.decode(g)) for g in sa.ctc_decode(gloss_logits, batch["src_mask"])]
+    lengths = sa.frame_lengths(batch["src_mask"]).tolist()
     rows, features, labels = [], [], []
     for b, i in enumerate(indices):
         r = dataset.records[i]
@@ -596,26 +904,40 @@ def evaluate_batch(model, dataset, indices, train_cfg, device, beam, alignments)
                          gloss_prediction=predictions[b] if target == "gloss" else ctc[b],
                          text_reference=" ".join(r.text), text_prediction=predictions[b] if target == "text" else ""))
         if alignments is not None:
-            f, l = sign_cl.frame_labels(memory[b], gloss_logits[b], batch["src_mask"][b], r, dataset, alignments)
-            features += [x.detach().cpu().clone() for x in f]       # not views: a view pickles its whole batch
+            f, l = sdr_features(memory[b], gloss_logits[b], lengths[b], r, dataset, alignments)
+            features += f
             labels += l
-    return rows, correct, tokens, loss, features, labels
+    return rows, correct, tokens, float(loss), features, labels
 
 
-def report(run_dir, datasets, train_cfg, device, log, data_path, splits=("val", "test")):
+def sdr_features(memory, gloss_logits, length, record, dataset, alignments):
+    """SDR's labelled features of one sample of `length` frames: the encoder features (memory (T, C)) at the
+    centre of each gloss occurrence, from its true segments where `alignments` holds some (sdr_segments),
+    else from the CTC Viterbi path of its reference glosses through the gloss head's logits (T, V); each
+    labelled with its gloss (a string, so that glosses unseen in training stay apart). The features are
+    copies on the CPU: a view would pickle its whole batch under torchrun."""
+    vocab = dataset.gloss_vocab
+    if alignments:
+        centres = sa.segment_centres(alignments.get(record.id, []), dataset.cfg.subsample)
+    else:
+        centres = sa.viterbi_centres(gloss_logits[:length].log_softmax(-1).cpu(), vocab.encode(record.gloss),
+                                     vocab.itos)
+    kept = [(c, g) for c, g in centres if c < length]
+    return [memory[c].detach().cpu().clone() for c, _ in kept], [g for _, g in kept]
+
+
+def report(run_dir, datasets, recipe, device, alignments, splits=("val", "test")):
     """Evaluate the best checkpoint, print the table, write translations.csv and results.json."""
     model, _, _ = sa.load_model(run_dir, device)
-    segments = sign_cl.sdr_segments(data_path, model.data_config, train_cfg.ctc_weight > 0,
-                                    samples_of(r for s in splits for r in datasets[s].records))
     results = {}
     for split in splits:
         start = time.time()
-        out = evaluate(model, datasets[split], train_cfg, device, alignments=segments)
+        out = evaluate_split(model, datasets[split], recipe, device, alignments=alignments)
         results[split] = dict(out["metrics"], seconds=time.time() - start, samples=len(datasets[split]))
         if WORLD.main and (split == "test" or len(splits) == 1):
             write_translations(os.path.join(run_dir, "translations.csv" if split == "test"
                                             else f"translations_{split}.csv"), out["rows"])
-    log(results_table(results, datasets[splits[0]].cfg.target, train_cfg.beam))
+    log(results_table(results, datasets[splits[0]].cfg.target, recipe.beam))
     _, signature = sa.bleu(["a"], ["a"])
     log(f"sacrebleu: {signature}")
     path = os.path.join(run_dir, "results.json")
@@ -645,74 +967,24 @@ def results_table(results, target, beam):
     return "\n".join(lines)
 
 
-def eval_mode(args):
-    run_dir, model, dataset, train_cfg, state, device = open_run(args, log, args.checkpoint)
-    if args.beam is not None:
-        train_cfg.beam = args.beam
-    data_path = args.data or state["config"]["data_path"]
-    segments = sign_cl.sdr_segments(data_path, dataset.cfg, train_cfg.ctc_weight > 0, samples_of(dataset.records))
-    out = evaluate(model, dataset, train_cfg, device, alignments=segments)
-    out["metrics"]["samples"] = len(dataset)
-    log(f"{run_dir} ({args.checkpoint} checkpoint, epoch {state['epoch']}) on {data_path} {args.split}:")
-    log(results_table({args.split: out["metrics"]}, dataset.cfg.target, train_cfg.beam))
-
-
-def latest_run(root="runs"):
-    runs = [os.path.join(root, d) for d in os.listdir(root)] if os.path.isdir(root) else []
-    runs = [r for r in runs if os.path.exists(os.path.join(r, "best.pt"))]
-    if not runs:
-        raise sa.DataError(f"{root}/: no trained run found (run `python run.py train` first)")
-    return max(runs, key=lambda r: os.path.getmtime(os.path.join(r, "best.pt")))
-
-
 # ----------------------------------------------------------------------------------------------------
-# Explanations
+# Extract
 # ----------------------------------------------------------------------------------------------------
 
-def open_run(args, log, checkpoint="best"):
-    """A run's model (best checkpoint by default), its configuration and the requested split as a dataset."""
-    device = device_of(args.device)
-    run_dir = args.run or latest_run()
-    state = sa.load_checkpoint(os.path.join(run_dir, f"{checkpoint}.pt"), device)
-    config = state["config"]
-    data_path = args.data or config["data_path"]
-    ensure_data(data_path, log)
-    data_cfg = sa.DataConfig(**config["data"])
-    records = read_data(data_path, data_cfg, (args.split,), args.skip_bad, log)[args.split]
-    model = sa.model_from_checkpoint(state, device)
-    dataset = sa.SignDataset(records, data_cfg, sa.Vocabulary.from_list(state["gloss_vocab"]),
-                             sa.Vocabulary.from_list(state["text_vocab"]))
-    return run_dir, model, dataset, TrainConfig(**config["train"]), state, device
-
-
-def method_list(text):
-    methods = list(explain.METHODS) if text == "all" else [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in explain.METHODS]
-    if unknown:
-        raise sa.DataError(f"--methods: unknown method(s) {', '.join(unknown)} (choose from all, "
-                           f"{', '.join(explain.METHODS)})")
-    return methods
-
-
-def length_sorted_batches(dataset, batch_size, limit=None):
-    order = list(range(len(dataset)))[:limit]
-    order.sort(key=lambda i: len(dataset.records[i].frames))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def extract(args):
+def extract(cfg):
     """Decode a split and keep, per sample, every attention map, the CTC posteriors and the relevance of
-    every requested method; one file per split, loadable with torch.load(weights_only=True)."""
-    write_extraction(open_run(args, log), args.split, method_list(args.methods), log, args.beam, args.batch_size,
-                     args.limit)
+    every requested method: RUN/extract_<split>.pt, loadable with torch.load(weights_only=True). Returns its
+    path and the extraction."""
+    check(cfg)
+    return write_extraction(open_run(cfg), method_list(cfg.methods), cfg.beam, cfg.batch_size, cfg.limit)
 
 
-def write_extraction(opened, split, methods, log, beam=None, batch_size=16, limit=None):
-    """Extract the split (or its first `limit` samples) and write RUN/extract_<split>.pt; returns its path and
-    the extraction, so that a caller need not read back what it just wrote."""
-    data = extract_samples(opened, split, methods, log, beam, batch_size, limit)
+def write_extraction(run, methods, beam=None, batch_size=16, limit=None):
+    """Extract the run's split (or its first `limit` samples) and write RUN/extract_<split>.pt; returns its path
+    and the extraction, so that a caller need not read back what it just wrote."""
+    data = extract_samples(run, methods, beam, batch_size, limit)
     data["samples"] = [s for s in data["samples"] if s is not None]
-    path = os.path.join(data["meta"]["run"], f"extract_{split}.pt")
+    path = os.path.join(run.dir, f"extract_{run.split}.pt")
     if WORLD.main:                                               # under torchrun: the one merged file
         sa.save_checkpoint(path, data)
         log("seconds per sample: " + ", ".join(f"{m} {t:.3f}" for m, t in data["meta"]["seconds_per_sample"].items()))
@@ -721,21 +993,20 @@ def write_extraction(opened, split, methods, log, beam=None, batch_size=16, limi
     return path, data
 
 
-def extract_samples(opened, split, methods, log, beam=None, batch_size=16, limit=None, only=None):
-    """{'meta': ..., 'samples': [one dict per sample of the split, None where not extracted]} for open_run's
-    result: the first `limit` samples (default: all), or the sample indices `only`, in length-sorted batches;
-    beam None is the run's. Under torchrun each process explains every size-th batch, and every process
-    gathers all samples (seconds: the processes' compute time per sample)."""
-    run_dir, model, dataset, train_cfg, state, device = opened
-    beam = train_cfg.beam if beam is None else beam
-    target = dataset.target_vocab
+def extract_samples(run, methods, beam=None, batch_size=16, limit=None, only=None):
+    """{'meta': ..., 'samples': [one dict per sample of the split, None where not extracted]} of a TrainedRun:
+    the first `limit` samples (default: all), or the sample indices `only`, in length-sorted batches; beam
+    None is the run's. Under torchrun each process explains every size-th batch, and every process gathers
+    all samples (seconds: the processes' compute time per sample)."""
+    dataset, recipe = run.dataset, run.recipe
+    beam = recipe.beam if beam is None else beam
     samples = [None] * len(dataset)
     seconds = dict.fromkeys(methods, 0.0)
     if only is None:
         batches = length_sorted_batches(dataset, batch_size, limit)
     else:
         if not all(0 <= i < len(dataset) for i in only):
-            raise sa.DataError(f"--sample {', '.join(map(str, only))}: the {split} split holds samples "
+            raise sa.DataError(f"--sample {', '.join(map(str, only))}: the {run.split} split holds samples "
                                f"0..{len(dataset) - 1}")
         batches = [list(only)]
     total, batches = sum(len(b) for b in batches), WORLD.mine(batches)
@@ -743,44 +1014,64 @@ def extract_samples(opened, split, methods, log, beam=None, batch_size=16, limit
     work = lambda indices: sum(len(dataset.records[i].frames) for i in indices)     # batches grow longer
     total_work, start, done, done_work = work(sum(batches, [])), time.time(), 0, 0
     for indices in batches:
-        for i, sample in zip(indices, explain.extract_batch(model, dataset, indices, methods, beam, train_cfg.alpha,
-                                                            device, seconds)):
+        for i, sample in zip(indices, explain.extract_batch(run.model, dataset, indices, methods, beam, recipe.alpha,
+                                                            run.device, seconds)):
             samples[i] = sample
         done, done_work = done + len(indices), done_work + work(indices)
         spent = time.time() - start
-        log(f"extract {split}: {done}/{share} samples" + (f" of the first process ({total} in all)" if WORLD.size > 1
-                                                          else "")
+        log(f"extract {run.split}: {done}/{share} samples" + (f" of the first process ({total} in all)"
+                                                              if WORLD.size > 1 else "")
             + f"  {done / spent:.2f} samples/s  ETA {format_time(spent * (total_work - done_work) / done_work)}")
     seconds = {m: sum(part[m] for part in WORLD.gather(seconds)) for m in methods}
     for part in WORLD.gather([(i, samples[i]) for indices in batches for i in indices]):
         for i, sample in part:
             samples[i] = sample
-    meta = dict(run=run_dir, split=split, epoch=state["epoch"], methods=methods, beam=beam,
-                data_config=asdict(model.data_config), gloss_vocab=state["gloss_vocab"], target=dataset.cfg.target,
-                target_vocab=target.itos, ctc_trained=train_cfg.ctc_weight > 0,
+    meta = dict(run=run.dir, split=run.split, epoch=run.epoch, methods=methods, beam=beam,
+                data_config=asdict(run.model.data_config), gloss_vocab=run.state["gloss_vocab"],
+                target=dataset.cfg.target, target_vocab=dataset.target_vocab.itos, ctc_trained=recipe.ctc_weight > 0,
                 seconds_per_sample={m: t / total for m, t in seconds.items()})
     return dict(meta=meta, samples=samples)
 
 
-def bench(args):
+def length_sorted_batches(dataset, batch_size, limit=None):
+    order = list(range(len(dataset)))[:limit]
+    order.sort(key=lambda i: len(dataset.records[i].frames))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bench
+# ----------------------------------------------------------------------------------------------------
+
+def bench(cfg):
     """Batched explanations against the per-token loop (each sample alone, one pass per token): seconds
-    per sample side by side, the speed-up, and the largest difference between the two."""
-    run_dir, model, dataset, train_cfg, _, device = open_run(args, log)
-    methods = method_list(args.methods)
-    if args.perturb:
-        return bench_perturbation(model, dataset, methods, args.limit, device, log)
-    if args.train:
-        return bench_training(model.cfg, dataset, train_cfg, args.batch_size, device)
-    if args.lengths:
-        return bench_lengths(model, dataset, methods, device)
-    batches = length_sorted_batches(dataset, args.batch_size, args.limit)
+    per sample side by side, the speed-up, and the largest difference between the two. cfg.perturb,
+    cfg.train and cfg.lengths time the perturbation tests, the training step, or the cost against the
+    video's length instead."""
+    check(cfg)
+    run = open_run(cfg)
+    methods = method_list(cfg.methods)
+    if cfg.perturb:
+        return bench_perturbation(run.model, run.dataset, methods, cfg.limit, run.device)
+    if cfg.train:
+        return bench_training(run.model.cfg, run.dataset, run.recipe, cfg.batch_size, run.device)
+    if cfg.lengths:
+        return bench_lengths(run.model, run.dataset, methods, run.device)
+    bench_explanations(run, methods, cfg.batch_size, cfg.limit)
+
+
+def bench_explanations(run, methods, batch_size, limit):
+    """Each method batched over length-sorted batches of the first `limit` samples, then (for the methods of
+    explain.PER_TOKEN) one sample and one token per pass; seconds per sample and the largest difference."""
+    model, dataset, device = run.model, run.dataset, run.device
+    batches = length_sorted_batches(dataset, batch_size, limit)
     inputs = []
     for indices in batches:
         batch = to_device(dataset.batch(indices), device)
         out = sa.greedy_decode(model, batch["src"], batch["src_mask"], dataset.cfg.max_tokens + 1)
         inputs.append((batch["src"], batch["src_mask"], out))
     count = sum(len(b) for b in batches)
-    log(f"{run_dir}: {count} {args.split} samples, batches of {args.batch_size}, device {device}")
+    log(f"{run.dir}: {count} {run.split} samples, batches of {batch_size}, device {device}")
     log(f"{'method':>24}  {'batched s/sample':>16}  {'loop s/sample':>13}  {'speed-up':>8}  {'max |diff|':>10}")
     for method in methods:
         src, mask, out = inputs[0]
@@ -828,7 +1119,7 @@ def perturbation_loop(model, src, mask, out, relevance):
     return scores, tied
 
 
-def bench_perturbation(model, dataset, methods, limit, device, log):
+def bench_perturbation(model, dataset, methods, limit, device):
     """The batched token-level perturbation test of `python run.py perturb` (every removal of every token of
     the samples at once) against the loop of one forward per token, direction and fraction: seconds per
     sample side by side, how many scores differ where the decision is clear, and how many decisions are near
@@ -854,20 +1145,23 @@ def bench_perturbation(model, dataset, methods, limit, device, log):
             f"{int((tied & ~fast.isnan()).sum()):9d}")
 
 
-def bench_training(cfg, dataset, train_cfg, batch_size, device, batches=6, repeats=5):
-    """Our training step (forward, backward, AdamW) against the same translator on torch.nn.Transformer's
-    layers (sa.TorchTransformerTranslator), on the same batches with the same loss: interleaved step by
-    step after a warm-up, the median of every step's seconds, and their ratio."""
+def bench_training(model_cfg, dataset, recipe, batch_size, device, batches=6, repeats=5):
+    """Our training step (the whole objective of the recipe, SignCL included; backward; AdamW) against the
+    same translator on torch.nn.Transformer's layers (sa.TorchTransformerTranslator), on the same batches with
+    the same loss: interleaved step by step after a warm-up, the median of every step's seconds, and their
+    ratio."""
     torch.manual_seed(0)
-    models = {"ours": sa.SignTranslator(cfg), "nn.Transformer": sa.TorchTransformerTranslator(cfg)}
+    models = {"ours": sa.SignTranslator(model_cfg), "nn.Transformer": sa.TorchTransformerTranslator(model_cfg)}
     optimizers = {name: torch.optim.AdamW(m.to(device).train().parameters(), lr=1e-4) for name, m in models.items()}
     inputs = [to_device(dataset.batch(indices), device) for indices in dataset.batches(batch_size)[:batches]]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    generator = torch.Generator().manual_seed(0)
 
     def step(name, batch):
         sync()
         tic = time.perf_counter()
-        loss, _ = sa.training_loss(models[name], batch, train_cfg.label_smoothing, train_cfg.ctc_weight)
+        loss, _ = sa.training_loss(models[name], batch, recipe.label_smoothing, recipe.ctc_weight, recipe.signcl,
+                                   generator)
         optimizers[name].zero_grad(set_to_none=True)
         loss.backward()
         optimizers[name].step()
@@ -884,7 +1178,8 @@ def bench_training(cfg, dataset, train_cfg, batch_size, device, batches=6, repea
     ours, theirs = (float(np.median(seconds[name])) for name in models)
     size = sum(p.numel() for p in models["ours"].parameters()) / 1e6
     log(f"training step on {len(inputs)} batches of {batch_size} x {repeats} repeats, {size:.2f}M parameters each, "
-        f"device {device}, median seconds per step:")
+        f"device {device}" + (f", SignCL weight {recipe.signcl}" if recipe.signcl else "")
+        + ", median seconds per step:")
     log(f"  ours {ours * 1e3:.1f} ms   nn.Transformer {theirs * 1e3:.1f} ms   ours / nn.Transformer {ours / theirs:.2f}")
 
 
@@ -926,11 +1221,11 @@ def bench_lengths(model, dataset, methods, device, lengths=(50, 100, 200, 400, 6
             import ctypes
             ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)              # M_MMAP_THRESHOLD: fixed at 64 kB
         for T in lengths:
-            frames = batch["src"][:, torch.linspace(0, batch["src"].shape[1] - 1, T, device=device).round().long()]
+            stretched = batch["src"][:, torch.linspace(0, batch["src"].shape[1] - 1, T, device=device).round().long()]
             mask = torch.ones(1, T, dtype=torch.bool, device=device)
             for m in ["floor"] + methods:
-                run_once = (lambda: floor_pass(model, frames, mask, out)) if m == "floor" else \
-                    (lambda: explain.explain(model, frames, mask, out, m))
+                run_once = (lambda: floor_pass(model, stretched, mask, out)) if m == "floor" else \
+                    (lambda: explain.explain(model, stretched, mask, out, m))
                 run_once()                                                # warm-up
                 if measure == "memory":
                     peak = peak_memory(device)
@@ -972,36 +1267,92 @@ def floor_pass(model, src, mask, out):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Figures
+# Plot: the SignAttention figures, of one sample or of the whole split
 # ----------------------------------------------------------------------------------------------------
 
-HAND_EDGES = [(0, 1), (1, 2), (2, 3), (3, 4), (0, 5), (5, 6), (6, 7), (7, 8), (5, 9), (9, 10), (10, 11), (11, 12),
-              (9, 13), (13, 14), (14, 15), (15, 16), (13, 17), (17, 18), (18, 19), (19, 20), (0, 17)]
-BODY_EDGES = [(11, 12), (11, 13), (13, 15), (12, 14), (14, 16), (11, 23), (12, 24), (23, 24), (9, 10), (7, 8)]
+def plot(cfg):
+    """The figures of sample cfg.sample (RUN/sample<N>_<name>.<type>), or with cfg.all the global analyses
+    of the split, twice: over the samples decoded exactly and over all (RUN/all_<group>_<name>.<type>). They
+    are drawn from the run's extraction; where it is missing, the whole split is extracted and saved first
+    (all), or the one sample in memory."""
+    check(cfg)
+    start = time.time()
+    only = None if cfg.all else [cfg.sample]
+    run_dir, data, data_path = load_extraction(cfg, save=cfg.all, only=only)
+    if cfg.all:
+        written = plot_all(run_dir, data, data_path, cfg.figure_type)
+    else:
+        written = plot_sample(run_dir, data, data_path, cfg.sample, cfg.figure_type, cfg.animate)
+    for path in written:
+        log(path)
+    log(f"{len(written)} figures in {time.time() - start:.1f}s")
 
 
-def load_extract(args, log, save):
-    """The run's extraction of the split. Where it is missing it is made first: the whole split, saved, when
-    `save`; else in memory only, sample --sample (plot) or the first --limit samples (view)."""
-    run_dir = args.run or latest_run()
-    path = os.path.join(run_dir, f"extract_{args.split}.pt")
+def load_extraction(cfg, save, only=None, limit=None):
+    """(run folder, the run's extraction of cfg.split, data path). Where the extraction is missing it is made
+    first: the whole split, saved, when `save`; else in memory only, of the sample indices `only` or of the
+    first `limit` samples."""
+    run_dir = cfg.run or latest_run()
+    path = os.path.join(run_dir, f"extract_{cfg.split}.pt")
     if os.path.exists(path):
         data = torch.load(path, weights_only=True)
     elif save:
-        log(f"{path} is missing: extracting the {args.split} split first")
-        data = write_extraction(open_run(args, log), args.split, list(explain.METHODS), log)[1]
+        log(f"{path} is missing: extracting the {cfg.split} split first")
+        data = write_extraction(open_run(cfg), list(explain.METHODS))[1]
     else:
-        only = [args.sample] if hasattr(args, "sample") else None
-        log(f"extracting {args.split} " + (f"sample {args.sample}" if only else f"samples 0..{args.limit - 1}")
+        log(f"extracting {cfg.split} " + (f"sample {only[0]}" if only else f"samples 0..{limit - 1}")
             + " (`python run.py extract` keeps the whole split)")
-        data = extract_samples(open_run(args, log), args.split, list(explain.METHODS), log, limit=args.limit if not only
-                               else None, only=only)
-    return run_dir, data, args.data or run_config(run_dir)["data_path"]
+        data = extract_samples(open_run(cfg), list(explain.METHODS), limit=None if only else limit, only=only)
+    return run_dir, data, cfg.data or run_config(run_dir)["data_path"]
 
 
-def run_config(run_dir):
-    with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
-        return json.load(f)
+def plot_sample(run_dir, data, data_path, index, figure_type, animate):
+    """Every figure of SAMPLE_FIGURES for one extracted sample, as RUN/sample<index>_<name>.<type>; with
+    `animate`, also the GIF."""
+    layout = data["meta"]["data_config"]["format"]
+    d = SampleData(data, data_path, index, sa.read_alignments(data_path, layout))
+    written = []
+    for name, draw in SAMPLE_FIGURES.items():
+        try:
+            fig = draw(d)
+        except Skip as why:
+            log(f"{name} figure skipped: {why}")
+            continue
+        written.append(save_figure(fig, os.path.join(run_dir, f"sample{index}_{name}.{figure_type}")))
+    if animate and d.pose is not None:
+        cross = d.sample["attention"]["decoder_cross"].float().mean(1)[-1]
+        written.append(animate_sample(pyplot(), d.sample, d.pose, cross, d.k,
+                                      os.path.join(run_dir, f"sample{index}_animation.gif")))
+    return written
+
+
+def plot_all(run_dir, data, data_path, figure_type):
+    """Every figure of GLOBAL_FIGURES twice, over the samples whose prediction equals the reference
+    (RUN/all_correct_<name>) and over all samples (RUN/all_all_<name>)."""
+    written, meta = [], data["meta"]
+    alignments, links = segment_sources(data_path, meta["data_config"]["format"], meta["target"])
+    for correct_only in (True, False):
+        group = "correct" if correct_only else "all"
+        numbers = explain.global_numbers(data, alignments, links, correct_only)
+        if not numbers["count"]:
+            log(f"no {meta['split']} sample in the '{group}' group: its figures are skipped")
+            continue
+        label = (f"{numbers['count']} {meta['split']} samples whose prediction equals the reference" if correct_only
+                 else f"all {numbers['count']} {meta['split']} samples")
+        for name, draw in GLOBAL_FIGURES.items():
+            try:
+                fig = draw(numbers, label, meta)
+            except Skip as why:
+                log(f"{name} figure ({group}) skipped: {why}")
+                continue
+            written.append(save_figure(fig, os.path.join(run_dir, f"all_{group}_{name}.{figure_type}")))
+        scores = numbers["diagonality"]
+        log(f"diagonality ({group}): " + (", ".join(f"layer {l + 1} {v:.3f}" for l, v in enumerate(scores))
+                                          if all(np.isfinite(scores)) else DIAGONALITY_UNDEFINED))
+        if numbers["pointing"]:
+            log(f"pointing game ({group}): "
+                + ", ".join(f"{m} {100 * np.mean(hits):.1f}%" for m, hits in numbers["pointing"].items()))
+    return written
 
 
 @functools.lru_cache(maxsize=None)
@@ -1060,11 +1411,12 @@ def heatmap(ax, values, title, signed=False, label="attention weight"):
     plt.colorbar(im, ax=ax, label=label, fraction=0.046, pad=0.02)
 
 
-class SampleView:
+class SampleData:
     """What the figures of one extracted sample draw on: the sample, the extraction's meta, its true gloss
-    segments (original frames; [] without alignments.csv) and its pose array (x, y) where the file exists."""
+    segments (original frames, from `alignments`; [] without) and its pose array (x, y) where the file
+    exists."""
 
-    def __init__(self, data, data_path, index):
+    def __init__(self, data, data_path, index, alignments):
         meta = self.meta = data["meta"]
         if not 0 <= index < len(data["samples"]):
             raise sa.DataError(f"--sample {index}: the {meta['split']} extraction holds samples "
@@ -1072,9 +1424,8 @@ class SampleView:
         s = self.sample = data["samples"][index]
         self.index, self.k = index, meta["data_config"]["subsample"]
         self.tokens, self.T, self.n = s["tokens"], s["frames"], len(s["tokens"])
-        layout = meta["data_config"]["format"]
-        self.alignments = sorted(sa.read_alignments(data_path, layout).get(s["id"], []))
-        self.pose = sa.sample_pose(data_path, s["id"], layout)
+        self.alignments = sorted(alignments.get(s["id"], []))
+        self.pose = sa.sample_pose(data_path, s["id"], meta["data_config"]["format"])
         if self.pose is not None:          # a .pose file's frames are not read up front: cut its segments here
             F = len(self.pose)
             self.alignments = [(p, g, a, min(b, F)) for p, g, a, b in self.alignments if a < F]
@@ -1084,14 +1435,14 @@ class SampleView:
         self.row_height = 0.26 * self.n + 1.2
 
 
-def figure_skeleton(v):
+def figure_skeleton(d):
     """The signer at the centre frame of each true gloss segment (or six even frames), with the gloss."""
-    if v.pose is None:
+    if d.pose is None:
         raise Skip("no pose file for this sample")
-    plt, pose = pyplot(), v.pose
-    key = ([(a + b) // 2 for _, _, a, b in v.alignments][:8]
+    plt, pose = pyplot(), d.pose
+    key = ([(a + b) // 2 for _, _, a, b in d.alignments][:8]
            or np.linspace(0, len(pose) - 1, 6).round().astype(int).tolist())
-    names = {(a + b) // 2: gloss for _, gloss, a, b in v.alignments}
+    names = {(a + b) // 2: gloss for _, gloss, a, b in d.alignments}
     fig, axes = plt.subplots(1, len(key), figsize=(2.3 * len(key), 3.4), squeeze=False, layout="constrained")
     shown = pose[key][:, sa.BODY[:25] + sa.LEFT_HAND + sa.RIGHT_HAND]
     lo, hi = np.nanmin(shown, (0, 1)), np.nanmax(shown, (0, 1))
@@ -1103,28 +1454,28 @@ def figure_skeleton(v):
         ax.set_aspect("equal")
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"{v.sample['id']}: key frames (x, y image coordinates; red = right hand, blue = left)", fontsize=10)
+    fig.suptitle(f"{d.sample['id']}: key frames (x, y image coordinates; red = right hand, blue = left)", fontsize=10)
     return fig
 
 
-def figure_cross_attention(v):
+def figure_cross_attention(d):
     """Decoder cross-attention per layer (mean over heads): predicted tokens x video position."""
-    cross = v.sample["attention"]["decoder_cross"].float().mean(1)                   # (L, n, T)
-    fig, axes = pyplot().subplots(len(cross), 1, figsize=(10, v.row_height * len(cross) + 1.2), squeeze=False,
+    cross = d.sample["attention"]["decoder_cross"].float().mean(1)                   # (L, n, T)
+    fig, axes = pyplot().subplots(len(cross), 1, figsize=(10, d.row_height * len(cross) + 1.2), squeeze=False,
                                   layout="constrained")
     for l, ax in enumerate(axes[:, 0]):
         heatmap(ax, cross[l], f"decoder cross-attention, layer {l + 1} (mean over heads)")
-        token_ticks(ax, v.tokens)
+        token_ticks(ax, d.tokens)
         ax.set_ylabel("predicted token")
         percent_axis(ax)
-    fig.suptitle(v.header, fontsize=9, x=0.02, ha="left")
+    fig.suptitle(d.header, fontsize=9, x=0.02, ha="left")
     return fig
 
 
-def figure_encoder_attention(v):
+def figure_encoder_attention(d):
     """Encoder self-attention per layer (mean over heads): frames x frames."""
     plt = pyplot()
-    enc = v.sample["attention"]["encoder_self"].float().mean(1)
+    enc = d.sample["attention"]["encoder_self"].float().mean(1)
     fig, axes = plt.subplots(1, len(enc), figsize=(4.6 * len(enc), 4.2), squeeze=False, layout="constrained")
     for l, ax in enumerate(axes[0]):
         im = ax.imshow(enc[l].numpy(), cmap="viridis", extent=[0, 100, 100, 0], interpolation="nearest")
@@ -1132,56 +1483,56 @@ def figure_encoder_attention(v):
         ax.set_title(f"encoder self-attention, layer {l + 1}", fontsize=10)
         ax.set_xlabel("key frame (% of video)")
         ax.set_ylabel("query frame (% of video)")
-    frames = f"{v.T} model frame{'s' if v.T > 1 else ''}"
-    fig.suptitle(f"{v.sample['id']}: {frames} (one in {v.k}), mean over heads", fontsize=10)
+    length = f"{d.T} model frame{'s' if d.T > 1 else ''}"
+    fig.suptitle(f"{d.sample['id']}: {length} (one in {d.k}), mean over heads", fontsize=10)
     return fig
 
 
-def figure_decoder_attention(v):
+def figure_decoder_attention(d):
     """Decoder self-attention per layer (mean over heads): predicted tokens x previous tokens."""
-    plt, n = pyplot(), v.n
-    dec = v.sample["attention"]["decoder_self"].float().mean(1)
+    plt, n = pyplot(), d.n
+    dec = d.sample["attention"]["decoder_self"].float().mean(1)
     fig, axes = plt.subplots(1, len(dec), figsize=(0.3 * n * len(dec) + 3.5 * len(dec), 0.3 * n + 2.5), squeeze=False,
                              layout="constrained")
     for l, ax in enumerate(axes[0]):
         im = ax.imshow(dec[l].numpy(), cmap="viridis", interpolation="nearest")
         plt.colorbar(im, ax=ax, label="attention weight", fraction=0.046, pad=0.02)
-        token_ticks(ax, v.tokens)
-        token_ticks(ax, ["<bos>"] + v.tokens[:-1], axis="x")
+        token_ticks(ax, d.tokens)
+        token_ticks(ax, ["<bos>"] + d.tokens[:-1], axis="x")
         ax.set_title(f"decoder self-attention, layer {l + 1}", fontsize=10)
         ax.set_xlabel("decoder input (previous token)")
         ax.set_ylabel("predicted token")
     return fig
 
 
-def figure_relevance(v):
+def figure_relevance(d):
     """One panel per explanation method: predicted tokens x video position."""
-    methods = list(v.sample["relevance"])
+    methods = list(d.sample["relevance"])
     cols = 4
     rows = -(-len(methods) // cols)
-    fig, axes = pyplot().subplots(rows, cols, figsize=(4.8 * cols, v.row_height * rows + 1.5), squeeze=False,
+    fig, axes = pyplot().subplots(rows, cols, figsize=(4.8 * cols, d.row_height * rows + 1.5), squeeze=False,
                                   layout="constrained")
     for ax, method in zip(axes.flat, methods):
-        heatmap(ax, v.sample["relevance"][method], method, signed=method in explain.SIGNED, label="relevance")
-        token_ticks(ax, v.tokens)
+        heatmap(ax, d.sample["relevance"][method], method, signed=method in explain.SIGNED, label="relevance")
+        token_ticks(ax, d.tokens)
         percent_axis(ax)
     for ax in list(axes.flat)[len(methods):]:
         ax.axis("off")
-    fig.suptitle(v.header + "\nrelevance of each frame for each predicted token (signed methods: red > 0 > blue)",
+    fig.suptitle(d.header + "\nrelevance of each frame for each predicted token (signed methods: red > 0 > blue)",
                  fontsize=9, x=0.02, ha="left")
     return fig
 
 
-def figure_gloss_posteriors(v):
+def figure_gloss_posteriors(d):
     """The CTC gloss posteriors over time, on the true gloss segments."""
-    if not v.meta.get("ctc_trained", True):
+    if not d.meta.get("ctc_trained", True):
         raise Skip("the run trained no CTC gloss head (ctc_weight 0)")
-    s, vocab, segments = v.sample, v.meta["gloss_vocab"], v.alignments
+    s, vocab, segments = d.sample, d.meta["gloss_vocab"], d.alignments
     post = s["gloss_posteriors"].float()
     shown = sorted({vocab.index(g) for g in s["gloss_reference"] + s["gloss_prediction"] if g in vocab})
     fig, ax = pyplot().subplots(figsize=(11, 3.6), layout="constrained")
-    frames = np.arange(v.T) * v.k
-    dots = dict(marker="o", markersize=4) if v.T <= 20 else {}          # a line of one frame would not show
+    frames = np.arange(d.T) * d.k
+    dots = dict(marker="o", markersize=4) if d.T <= 20 else {}          # a line of one frame would not show
     ax.plot(frames, post[:, 0].numpy(), color="0.6", linestyle="--", label="blank", **dots)
     for i in shown:
         ax.plot(frames, post[:, i].numpy(), label=vocab[i], **dots)
@@ -1199,12 +1550,12 @@ def figure_gloss_posteriors(v):
     return fig
 
 
-def figure_reliance(v):
+def figure_reliance(d):
     """Per decoding step, the norms of the cross-attention (video) and self-attention (previous tokens)
     outputs, and the video's share."""
-    n = v.n
-    video, prev = v.sample["branch_norms"]["video"].float(), v.sample["branch_norms"]["tokens"].float()
-    share = explain.video_share(v.sample["branch_norms"])
+    n = d.n
+    video, prev = d.sample["branch_norms"]["video"].float(), d.sample["branch_norms"]["tokens"].float()
+    share = explain.video_share(d.sample["branch_norms"])
     fig, axes = pyplot().subplots(1, 2, figsize=(max(9, 0.45 * n + 6), 3.8), layout="constrained")
     for l in range(len(video)):
         axes[0].plot(range(n), video[l].numpy(), marker="o", label=f"video (cross-attention), layer {l + 1}")
@@ -1216,7 +1567,7 @@ def figure_reliance(v):
     axes[1].set_ylabel("video share = video / (video + tokens)")
     axes[1].set_ylim(0, 1)
     for ax in axes:
-        token_ticks(ax, v.tokens, axis="x")
+        token_ticks(ax, d.tokens, axis="x")
         ax.set_xlabel("decoding step (predicted token)")
         ax.legend(fontsize=7)
     axes[0].set_title("what each decoding step draws on", fontsize=10)
@@ -1229,33 +1580,14 @@ SAMPLE_FIGURES = dict(skeleton=figure_skeleton, cross_attention=figure_cross_att
                       relevance=figure_relevance, gloss_posteriors=figure_gloss_posteriors, reliance=figure_reliance)
 
 
-def plot_sample(run_dir, data, data_path, index, figure_type, animate, log):
-    """Every figure of SAMPLE_FIGURES for one extracted sample, as RUN/sample<index>_<name>.<type>; with
-    `animate`, also the GIF."""
-    view = SampleView(data, data_path, index)
-    written = []
-    for name, draw in SAMPLE_FIGURES.items():
-        try:
-            fig = draw(view)
-        except Skip as why:
-            log(f"{name} figure skipped: {why}")
-            continue
-        written.append(save_figure(fig, os.path.join(run_dir, f"sample{index}_{name}.{figure_type}")))
-    if animate and view.pose is not None:
-        cross = view.sample["attention"]["decoder_cross"].float().mean(1)[-1]
-        written.append(animate_sample(pyplot(), view.sample, view.pose, cross, view.k,
-                                      os.path.join(run_dir, f"sample{index}_animation.gif")))
-    return written
-
-
 def draw_skeleton(ax, frame, alpha=1.0):
     """One frame of MediaPipe keypoints (543, 2): body lines, hands, and the face as a faint cloud."""
     ax.scatter(frame[sa.FACE, 0], frame[sa.FACE, 1], s=0.3, color="0.7", alpha=alpha)
-    for a, b in BODY_EDGES:
+    for a, b in sa.BODY_EDGES:
         ax.plot(frame[[a, b], 0], frame[[a, b], 1], color="0.2", linewidth=1.2, alpha=alpha)
     for ids, color in ((sa.RIGHT_HAND, "tab:red"), (sa.LEFT_HAND, "tab:blue")):
         hand = frame[ids]
-        for a, b in HAND_EDGES:
+        for a, b in sa.HAND_EDGES:
             ax.plot(hand[[a, b], 0], hand[[a, b], 1], color=color, linewidth=0.8, alpha=alpha)
 
 
@@ -1290,16 +1622,6 @@ def animate_sample(plt, s, pose, cross, k, path):
     animation.save(path, writer=PillowWriter(fps=10))
     plt.close(fig)
     return path
-
-
-def segment_sources(data, data_path):
-    """alignments.csv of the data (or {}) and, for text decoders, the word-gloss links of its training split."""
-    meta = data["meta"]
-    alignments = sa.read_alignments(data_path, meta["data_config"]["format"], log=log)
-    links = None
-    if alignments and meta["target"] == "text":
-        links = sa.gloss_links([(g, t) for _, split, g, t in sa.read_annotations(data_path) if split == "train"])
-    return alignments, links
 
 
 def length_label(L):
@@ -1429,48 +1751,62 @@ GLOBAL_FIGURES = dict(cross_attention_by_length=figure_cross_attention_by_length
                       entropy=figure_entropy, pointing_game=figure_pointing_game)
 
 
-def plot_all(run_dir, data, data_path, figure_type, log):
-    """Every figure of GLOBAL_FIGURES twice, over the samples whose prediction equals the reference
-    (RUN/all_correct_<name>) and over all samples (RUN/all_all_<name>)."""
-    written, meta = [], data["meta"]
-    alignments, links = segment_sources(data, data_path)
-    for correct_only in (True, False):
-        view = "correct" if correct_only else "all"
-        numbers = explain.global_numbers(data, alignments, links, correct_only)
-        if not numbers["count"]:
-            log(f"no {meta['split']} sample in the '{view}' view: its figures are skipped")
-            continue
-        label = (f"{numbers['count']} {meta['split']} samples whose prediction equals the reference" if correct_only
-                 else f"all {numbers['count']} {meta['split']} samples")
-        for name, draw in GLOBAL_FIGURES.items():
-            try:
-                fig = draw(numbers, label, meta)
-            except Skip as why:
-                log(f"{name} figure ({view}) skipped: {why}")
-                continue
-            written.append(save_figure(fig, os.path.join(run_dir, f"all_{view}_{name}.{figure_type}")))
-        scores = numbers["diagonality"]
-        log(f"diagonality ({view}): " + (", ".join(f"layer {l + 1} {v:.3f}" for l, v in enumerate(scores))
-                                         if all(np.isfinite(scores)) else DIAGONALITY_UNDEFINED))
-        if numbers["pointing"]:
-            log(f"pointing game ({view}): "
-                + ", ".join(f"{m} {100 * np.mean(hits):.1f}%" for m, hits in numbers["pointing"].items()))
-    return written
+# ----------------------------------------------------------------------------------------------------
+# View: view.html filled with one extraction, a single file that works offline
+# ----------------------------------------------------------------------------------------------------
 
-
-def plot(args):
+def view(cfg):
+    """RUN/view_<split>.html: view.html with the extraction's samples (the first cfg.limit), the gloss segments
+    and pose files of the data, the pointing game and the run's perturb tables. Without an extraction, the
+    whole split is extracted and saved first, or with a limit only those samples, in memory."""
+    check(cfg)
     start = time.time()
-    run_dir, data, data_path = load_extract(args, log, args.all)
-    if args.all:
-        written = plot_all(run_dir, data, data_path, args.figure_type, log)
-    else:
-        written = plot_sample(run_dir, data, data_path, args.sample, args.figure_type, args.animate, log)
-    for path in written:
-        log(path)
-    log(f"{len(written)} figures in {time.time() - start:.1f}s")
+    run_dir, data, data_path = load_extraction(cfg, save=cfg.limit is None, limit=cfg.limit)
+    meta, samples = data["meta"], data["samples"][:cfg.limit]
+    alignments, links = segment_sources(data_path, meta["data_config"]["format"], meta["target"])
+    packed = Packed()
+    entries = [view_sample(s, meta, data_path, alignments, packed) for s in samples]
+    page = dict(meta=dict(
+        title=f"{run_dir}: {meta['split']} split, {len(samples)} samples, checkpoint of epoch {meta['epoch']}",
+        methods=meta["methods"], signed=[m for m in meta["methods"] if m in explain.SIGNED],
+        **dataset_display(data_path), pose_levels=POSE_LEVELS,
+        points={name: [sum(map(len, list(VIEW_PARTS.values())[:i])), len(part)]         # [first, count]
+                for i, (name, part) in enumerate(VIEW_PARTS.items())},
+        edges=dict(body=sa.BODY_EDGES, hand=sa.HAND_EDGES),
+        perturb=perturb_tables(run_dir, meta["split"]),
+        pointing=pointing_summary(dict(meta=meta, samples=samples), alignments, links)), samples=entries)
+    text = json.dumps(page, ensure_ascii=False, allow_nan=False)
+    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")     # cannot close its script
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "view.html"), encoding="utf-8") as f:
+        template = f.read()
+    path = os.path.join(run_dir, f"view_{meta['split']}.html")
+    write_text(path, template.replace("'__SCRIPT_HASHES__'", script_policy(template))
+               .replace("__VIEW_BLOB__", packed.encoded())
+               .replace("__VIEW_DATA__", text))
+    log(f"{len(samples)} samples, {os.path.getsize(path) / 1e6:.1f} MB, in {time.time() - start:.1f}s; open it in "
+        "any browser, offline:")
+    log(path)
 
 
-# The viewer: view.html filled with one extraction, a single file that works offline
+def dataset_display(data_path):
+    """The frame rate and the video's aspect ratio recorded by poses in metadata.json (25 and 1 without)."""
+    recorded = {}
+    if os.path.exists(os.path.join(data_path, "metadata.json")):
+        with open(os.path.join(data_path, "metadata.json"), encoding="utf-8") as f:
+            recorded = json.load(f)
+    return dict(fps=recorded.get("fps") or 25, aspect=recorded.get("aspect") or 1)
+
+
+def pointing_summary(data, alignments, links):
+    """The pointing game and the relevance mass in the true segment of each method, in %, for the page; None
+    without a gloss occurrence to point at."""
+    methods = data["meta"]["methods"]
+    plausible = explain.plausibility(data, alignments, links, methods)
+    if not plausible or not len(plausible["sample"]):
+        return None
+    return dict(occurrences=len(plausible["sample"]), methods={
+        m: [100 * float(plausible[m][0].mean()), 100 * float(plausible[m][1].mean())] for m in methods})
+
 
 VIEW_PARTS = dict(body=sa.BODY[:25], left=sa.LEFT_HAND, right=sa.RIGHT_HAND, face=[sa.FACE[i] for i in sa.FACE_OVAL])
 VIEW_POINTS = [p for part in VIEW_PARTS.values() for p in part]                        # what the viewer draws
@@ -1571,150 +1907,87 @@ def script_policy(template):
     return " ".join(f"'sha256-{digest(text)}'" for text in re.findall(r"<script>(.*?)</script>", template, re.S))
 
 
-def view(args):
-    """RUN/view_<split>.html: view.html with the extraction's samples (the first --limit), the gloss segments
-    and pose files of the data, the pointing game and the run's perturb tables."""
-    start = time.time()
-    run_dir, data, data_path = load_extract(args, log, args.limit is None)
-    meta, samples = data["meta"], data["samples"][:args.limit]
-    alignments, links = segment_sources(data, data_path)
-    packed = Packed()
-    entries = [view_sample(s, meta, data_path, alignments, packed) for s in samples]
-    plausible = explain.plausibility(dict(meta=meta, samples=samples), alignments, links, meta["methods"])
-    pointing = None
-    if plausible and len(plausible["sample"]):
-        pointing = dict(occurrences=len(plausible["sample"]), methods={
-            m: [100 * float(plausible[m][0].mean()), 100 * float(plausible[m][1].mean())] for m in meta["methods"]})
-    dataset = {}
-    if os.path.exists(os.path.join(data_path, "metadata.json")):
-        with open(os.path.join(data_path, "metadata.json"), encoding="utf-8") as f:
-            dataset = json.load(f)
-    page = dict(meta=dict(
-        title=f"{run_dir}: {meta['split']} split, {len(samples)} samples, checkpoint of epoch {meta['epoch']}",
-        methods=meta["methods"], signed=[m for m in meta["methods"] if m in explain.SIGNED],
-        fps=dataset.get("fps") or 25, aspect=dataset.get("aspect") or 1,
-        pose_levels=POSE_LEVELS,
-        points={name: [sum(map(len, list(VIEW_PARTS.values())[:i])), len(part)]         # [first, count]
-                for i, (name, part) in enumerate(VIEW_PARTS.items())},
-        perturb=perturb_tables(run_dir, meta["split"]), pointing=pointing), samples=entries)
-    text = json.dumps(page, ensure_ascii=False, allow_nan=False)
-    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")     # cannot close its script
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "view.html"), encoding="utf-8") as f:
-        template = f.read()
-    path = os.path.join(run_dir, f"view_{meta['split']}.html")
-    write_text(path, template.replace("'__SCRIPT_HASHES__'", script_policy(template))
-               .replace("__VIEW_BLOB__", packed.encoded())
-               .replace("__VIEW_DATA__", text))
-    log(f"{len(samples)} samples, {os.path.getsize(path) / 1e6:.1f} MB, in {time.time() - start:.1f}s; open it in "
-        "any browser, offline:")
-    log(path)
-
-
 # ----------------------------------------------------------------------------------------------------
-# Reports: faithfulness (perturbation tests) and plausibility
+# Perturb: faithfulness (perturbation tests) and plausibility
 # ----------------------------------------------------------------------------------------------------
 
-def perturb_samples(args, opened, methods, log):
-    """The extraction samples (tokens, relevance) of the first --limit samples of the split: from the run's
-    extraction where it holds them for this checkpoint, else explained now (and saved as the extraction when
-    that is the whole split with every method and no extraction file exists yet)."""
-    run_dir, _, dataset, _, state, _ = opened
-    count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
-    path = os.path.join(run_dir, f"extract_{args.split}.pt")
-    if os.path.exists(path):
-        data = torch.load(path, weights_only=True)
-        meta, samples = data["meta"], data["samples"]
-        held = [s["id"] for s in samples[:count]] == [r.id for r in dataset.records[:count]]
-        if meta["epoch"] == state["epoch"] and set(methods) <= set(meta["methods"]) and held:
-            log(f"relevance from {path}")
-            data["samples"] = samples[:count]
-            return data
-        why = ("an earlier checkpoint" if meta["epoch"] != state["epoch"] else
-               "other methods" if not set(methods) <= set(meta["methods"]) else "other samples")
-        log(f"{path} holds {why}: explaining {count} samples now")
-    data = extract_samples(opened, args.split, methods, log, limit=count)
-    data["samples"] = data["samples"][:count]
-    if WORLD.main and count == len(dataset) and set(methods) >= set(explain.METHODS) and not os.path.exists(path):
-        sa.save_checkpoint(path, data)
-        log(f"wrote {path} (`python run.py plot` reads it)")
-    return data
-
-
-class Progress:
-    """Method, fraction and how long the rest should take: one line rewritten in place on a terminal, else a
-    line every 10 seconds and at the end of each method."""
-
-    def __init__(self, methods, level, log):
-        self.methods, self.level, self.log = methods, level, log
-        self.start, self.method_start, self.index = time.time(), None, -1
-        self.tty, self.printed = sys.stdout.isatty(), 0.0
-
-    def begin(self, method):
-        self.index += 1
-        self.method, self.method_start = method, time.time()
-
-    def __call__(self, f, done, total):
-        """After each batch: fraction index f, and frames forwarded so far and in all for this method."""
-        share = done / total
-        spent = time.time() - self.method_start
-        per_method = (time.time() - self.start) / (self.index + share)
-        eta = spent / share * (1 - share) + per_method * (len(self.methods) - self.index - 1)
-        line = (f"perturb {self.level}  {self.method:<24} ({self.index + 1}/{len(self.methods)})  fraction "
-                f"{explain.FRACTIONS[f]:.1f}  {100 * share:3.0f}% of the method  ETA {format_time(eta)}")
-        if self.tty and WORLD.main:
-            print("\r" + line.ljust(100), end="\n" if done == total else "", flush=True)
-        elif done == total or time.time() - self.printed >= 10:
-            self.log(line)
-            self.printed = time.time()
-
-
-def perturb(args):
+def perturb(cfg):
     """Positive/negative perturbation AUC of each method with 95% bootstrap intervals, random as control,
-    and the pointing game and relevance mass in the true segments where alignments exist."""
+    and the pointing game and relevance mass in the true segments where alignments exist: RUN/perturb_<split>_
+    <level>[...].csv, .md, _curves.csv and the curves' figure. Under torchrun the methods are shared."""
+    check(cfg)
     start = time.time()
-    methods = method_list(args.methods)
-    named = args.methods != "all"
+    methods = method_list(cfg.methods)
     methods += [] if "random" in methods else ["random"]
-    opened = open_run(args, log)
-    run_dir, model, dataset, _, state, device = opened
-    data = perturb_samples(args, opened, methods, log)
+    run = open_run(cfg)
+    data = perturb_samples(cfg, run, methods)
     samples = data["samples"]
-    B, target = len(samples), dataset.target_vocab
-    batch = to_device(dataset.batch(list(range(B))), device)
+    B = len(samples)
+    batch = to_device(run.dataset.batch(list(range(B))), run.device)
     src, mask = batch["src"], batch["src_mask"]
-    keep = perturbable(run_dir, args.split, samples, mask, methods)
+    keep = perturbable(run.dir, cfg.split, samples, mask, methods)
     skipped = B - len(keep)
     if skipped:
         samples, src, mask = [samples[b] for b in keep], src[keep], mask[keep]
         data = dict(data, samples=samples)
-    plausibility = explain.plausibility(data, *segment_sources(data, args.data or state["config"]["data_path"]),
-                                        methods)
-    out = explain.token_ids(samples, target, device)
-    seed = 0 if args.seed is None else args.seed
-    log(f"{run_dir}: {len(samples)} {args.split} samples, {len(methods)} methods, {args.level} level, frames removed by "
-        f"{'the key mask' if args.perturb_mode == 'mask' else 'zeroing'}, fractions 0..0.9"
-        + (f", methods shared among {WORLD.size} processes" if WORLD.size > 1 else ""))
+    alignments, links = segment_sources(run.data_path, run.dataset.cfg.format, run.dataset.cfg.target, run.alignments)
+    plausibility = explain.plausibility(data, alignments, links, methods)
+    out = explain.token_ids(samples, run.dataset.target_vocab, run.device)
+    log(f"{run.dir}: {len(samples)} {cfg.split} samples, {len(methods)} methods, {cfg.level} level, frames removed by "
+        f"{removal(cfg)}, fractions 0..0.9" + (f", methods shared among {WORLD.size} processes" if WORLD.size > 1 else ""))
     curves, stats = {}, {}                  # under torchrun each process tests every size-th method, as one would
-    for part in WORLD.gather(perturb_methods(args, model, dataset, samples, WORLD.mine(methods), src, mask, out, seed)):
+    for part in WORLD.gather(perturb_methods(cfg, run, samples, WORLD.mine(methods), src, mask, out)):
         curves.update(part[0])
         stats.update(part[1])
     curves, stats = {m: curves[m] for m in methods}, {m: stats[m] for m in methods if m in stats}
     if not WORLD.main:
         return
-    rows = explain.perturb_table(curves, stats, plausibility, args.bootstrap, seed)
-    stem = os.path.join(run_dir, f"perturb_{args.split}_{args.level}" + ("_zero" if args.perturb_mode == "zero" else "")
-                        + (f"_first{B}" if B < len(dataset) else "") + ("_" + "+".join(methods) if named else ""))
+    rows = explain.perturb_table(curves, stats, plausibility, cfg.bootstrap, cfg.seed)
+    stem = os.path.join(run.dir, f"perturb_{cfg.split}_{cfg.level}" + ("_zero" if cfg.perturb_mode == "zero" else "")
+                        + (f"_first{B}" if B < len(run.dataset) else "")
+                        + ("_" + "+".join(methods) if cfg.methods != "all" else ""))
     clean = clean_score(curves, stats) + (f"\n\n{skipped} sample(s) of one frame skipped: no frame can be removed"
                                           if skipped else "") + plausibility_note(plausibility)
     means = explain.mean_curves(curves, stats)
-    written = write_perturb(stem, rows, means, args, len(samples), clean)
-    written.append(plot_curves(stem, means, rows, args, len(samples)))
-    log(markdown_table(rows, args.level))
+    written = write_perturb(stem, rows, means, cfg, len(samples), clean)
+    written.append(plot_curves(stem, means, rows, cfg, len(samples)))
+    log(markdown_table(rows, cfg.level))
     log(clean)
     log(explain.verdict(rows))
     for path in written:
         log(path)
     log(f"perturbation tests of {len(methods)} methods on {len(samples)} samples in {format_time(time.time() - start)}")
+
+
+def removal(cfg):
+    """How the perturbation removes frames, in words."""
+    return "the key mask" if cfg.perturb_mode == "mask" else "zeroing"
+
+
+def perturb_samples(cfg, run, methods):
+    """The extraction samples (tokens, relevance) of the first cfg.limit samples of the split: from the run's
+    extraction where it holds them for this checkpoint, else explained now (and saved as the extraction when
+    that is the whole split with every method and no extraction file exists yet)."""
+    dataset = run.dataset
+    count = len(dataset) if cfg.limit is None else min(cfg.limit, len(dataset))
+    path = os.path.join(run.dir, f"extract_{cfg.split}.pt")
+    if os.path.exists(path):
+        data = torch.load(path, weights_only=True)
+        meta, samples = data["meta"], data["samples"]
+        held = [s["id"] for s in samples[:count]] == [r.id for r in dataset.records[:count]]
+        if meta["epoch"] == run.epoch and set(methods) <= set(meta["methods"]) and held:
+            log(f"relevance from {path}")
+            data["samples"] = samples[:count]
+            return data
+        why = ("an earlier checkpoint" if meta["epoch"] != run.epoch else
+               "other methods" if not set(methods) <= set(meta["methods"]) else "other samples")
+        log(f"{path} holds {why}: explaining {count} samples now")
+    data = extract_samples(run, methods, limit=count)
+    data["samples"] = data["samples"][:count]
+    if WORLD.main and count == len(dataset) and set(methods) >= set(explain.METHODS) and not os.path.exists(path):
+        sa.save_checkpoint(path, data)
+        log(f"wrote {path} (`python run.py plot` reads it)")
+    return data
 
 
 def perturbable(run_dir, split, samples, mask, methods):
@@ -1739,32 +2012,61 @@ def perturbable(run_dir, split, samples, mask, methods):
 
 
 def plausibility_note(plausibility):
-    """A line where the plausibility columns are missing: without alignments.csv, or without an occurrence."""
+    """A line where the plausibility columns are missing: without segments for these samples (no alignments.csv,
+    or none of its rows for this split), or without an occurrence."""
     if not plausibility:
-        return "\n\nno alignments.csv: no pointing game or mass in the segment"
+        return "\n\nno alignments.csv rows for these samples: no pointing game or mass in the segment"
     if not len(plausibility["sample"]):
         return "\n\nno predicted token realises a gloss with a true segment: no pointing game or mass in the segment"
     return ""
 
 
-def perturb_methods(args, model, dataset, samples, methods, src, mask, out, seed):
+def perturb_methods(cfg, run, samples, methods, src, mask, out):
     """({method: (B, 2, P) scores, the mean over tokens}, {method: BLEU statistics} at sentence level)."""
-    target, curves, stats = dataset.target_vocab, {}, {}
+    model, dataset, curves, stats = run.model, run.dataset, {}, {}
     references = [" ".join(s[f"{dataset.cfg.target}_reference"]) for s in samples]
-    progress = Progress(methods, args.level, log)
+    progress = Progress(methods, cfg.level)
     for method in methods:
         R = explain.padded_relevance(samples, method, out.shape[1], src.shape[1], src.device)
         progress.begin(method)
-        if args.level == "token":
-            scores = explain.token_perturbation(model, src, mask, out, R, mode=args.perturb_mode, seed=seed,
+        if cfg.level == "token":
+            scores = explain.token_perturbation(model, src, mask, out, R, mode=cfg.perturb_mode, seed=cfg.seed,
                                                 progress=progress)
             curves[method] = scores.nanmean(1).double().cpu()                # (B, 2, P): mean over tokens
         else:
-            decoded = explain.sentence_perturbation(model, src, mask, R, out != target.pad_id,
-                                                    dataset.cfg.max_tokens + 1, mode=args.perturb_mode, seed=seed,
+            decoded = explain.sentence_perturbation(model, src, mask, R, out != dataset.target_vocab.pad_id,
+                                                    dataset.cfg.max_tokens + 1, mode=cfg.perturb_mode, seed=cfg.seed,
                                                     progress=progress)
-            curves[method], stats[method] = explain.sentence_scores(decoded.cpu(), references, target)
+            curves[method], stats[method] = explain.sentence_scores(decoded.cpu(), references, dataset.target_vocab)
     return curves, stats
+
+
+class Progress:
+    """Method, fraction and how long the rest should take: one line rewritten in place on a terminal, else a
+    line every 10 seconds and at the end of each method."""
+
+    def __init__(self, methods, level):
+        self.methods, self.level = methods, level
+        self.start, self.method_start, self.index = time.time(), None, -1
+        self.tty, self.printed = sys.stdout.isatty(), 0.0
+
+    def begin(self, method):
+        self.index += 1
+        self.method, self.method_start = method, time.time()
+
+    def __call__(self, f, done, total):
+        """After each batch: fraction index f, and frames forwarded so far and in all for this method."""
+        share = done / total
+        spent = time.time() - self.method_start
+        per_method = (time.time() - self.start) / (self.index + share)
+        eta = spent / share * (1 - share) + per_method * (len(self.methods) - self.index - 1)
+        line = (f"perturb {self.level}  {self.method:<24} ({self.index + 1}/{len(self.methods)})  fraction "
+                f"{explain.FRACTIONS[f]:.1f}  {100 * share:3.0f}% of the method  ETA {format_time(eta)}")
+        if self.tty and WORLD.main:
+            print("\r" + line.ljust(100), end="\n" if done == total else "", flush=True)
+        elif done == total or time.time() - self.printed >= 10:
+            log(line)
+            self.printed = time.time()
 
 
 def clean_score(curves, stats):
@@ -1801,9 +2103,9 @@ def markdown_table(rows, level):
     return "\n".join(lines)
 
 
-def write_perturb(stem, rows, means, args, count, clean):
+def write_perturb(stem, rows, means, cfg, count, clean):
     """The table as CSV and Markdown, and the mean curves as CSV."""
-    columns = table_columns(rows, args.level)
+    columns = table_columns(rows, cfg.level)
     header = ["method"] + [f"{k}{suffix}" for k, _ in columns for suffix in ("", "_low", "_high")]
     occurrences = ["occurrences"] if "occurrences" in rows[0] else []
     header += occurrences + ["beats_random"]
@@ -1817,12 +2119,12 @@ def write_perturb(stem, rows, means, args, count, clean):
                        + ["control" if r["beats_random"] is None else ";".join(r["beats_random"])])
 
     def markdown(f):
-        f.write(f"# Perturbation tests: {args.level} level, {count} {args.split} samples, frames removed by "
-                f"{'the key mask' if args.perturb_mode == 'mask' else 'zeroing'}\n\n"
+        f.write(f"# Perturbation tests: {cfg.level} level, {count} {cfg.split} samples, frames removed by "
+                f"{removal(cfg)}\n\n"
                 "AUC of the score against the fraction of frames removed (0 to 0.9, x 100, so 90 at most), the "
                 "mean over samples (BLEU: of the corpus score); plausibility over gloss occurrences. Brackets: 95% "
                 f"bootstrap interval over the {count} samples.\n\n")
-        f.write(markdown_table(rows, args.level) + "\n\n" + clean + "\n\n" + explain.verdict(rows) + "\n")
+        f.write(markdown_table(rows, cfg.level) + "\n\n" + clean + "\n\n" + explain.verdict(rows) + "\n")
 
     def curves(f):
         w = csv.writer(f, lineterminator="\n")
@@ -1843,7 +2145,7 @@ def write_perturb(stem, rows, means, args, count, clean):
     return written
 
 
-def plot_curves(stem, means, rows, args, count):
+def plot_curves(stem, means, rows, cfg, count):
     """Score against the fraction of frames removed, one line per method, the random control dashed."""
     plt = pyplot()
     panels = [(what, d) for what in next(iter(means.values())) for d in range(2)]          # score (and bleu4)
@@ -1860,28 +2162,42 @@ def plot_curves(stem, means, rows, args, count):
             style = dict(color="black", linestyle="--", linewidth=1.8) if m == "random" else dict(
                 color=colors(explain.METHODS.index(m) % 20), linewidth=1.3)
             ax.plot(x, y, marker="o", markersize=3, label=f"{m} ({by_method[m][key][0]:.1f})", **style)
-        ylabel = ("token still ranked first" if args.level == "token" else "token accuracy vs clean decoding")
+        ylabel = ("token still ranked first" if cfg.level == "token" else "token accuracy vs clean decoding")
         ax.set_ylabel(ylabel if what == "score" else "BLEU-4 vs reference")
         ax.set_xlabel(f"frames removed ({'most' if d == 0 else 'least'} relevant first), %")
         ax.set_xlim(0, 90)
         ax.set_ylim(0, 1.02 if what == "score" else 100)
         ax.set_title(f"{direction} perturbation ({'lower' if d == 0 else 'higher'} AUC is better)", fontsize=10)
         ax.legend(fontsize=7, title="method (AUC)", title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.suptitle(f"Perturbation tests, {args.level} level: {count} {args.split} samples, frames removed by "
-                 f"{'the key mask' if args.perturb_mode == 'mask' else 'zeroing'}", fontsize=11)
-    return save_figure(fig, f"{stem}.{args.figure_type}")
+    fig.suptitle(f"Perturbation tests, {cfg.level} level: {count} {cfg.split} samples, frames removed by "
+                 f"{removal(cfg)}", fontsize=11)
+    return save_figure(fig, f"{stem}.{cfg.figure_type}")
 
 
 # ----------------------------------------------------------------------------------------------------
-# Command line
+# Command line: the parser, built from the configurations above
 # ----------------------------------------------------------------------------------------------------
+
+MODES = dict(
+    poses=(poses, PosesConfig, "MediaPipe Holistic keypoints of real recordings, in the dataset layout train reads "
+                               "(needs the optional requirements-poses.txt)"),
+    train=(train, TrainConfig, "train a model (default: synthetic GSL)"),
+    eval=(evaluate, EvalConfig, "evaluate a trained run on a split"),
+    extract=(extract, ExtractConfig, "decode a split and save attention, CTC posteriors and relevance"),
+    bench=(bench, BenchConfig, "time batched explanations against the per-token loop"),
+    view=(view, ViewConfig, "one HTML file to explore every sample, token and method (from the extraction, made "
+                            "if missing)"),
+    plot=(plot, PlotConfig, "draw the SignAttention figures from the extraction (made if missing)"),
+    perturb=(perturb, PerturbConfig, "perturbation tests (faithfulness) and pointing game (plausibility)"),
+)
+
 
 class Number:
-    """An argparse type for a numeric option: `kind` (int or float), finite, at least `low` (above it when
-    `open_low`) and at most `high`; a value out of range is refused before any work is done."""
+    """An argparse type for a numeric option: `kind` (int or float), finite and within the range of its
+    field's metadata (low, high, open_low); a value out of range is refused before any work is done."""
 
-    def __init__(self, kind, low=None, high=None, open_low=False):
-        self.kind, self.low, self.high, self.open_low = kind, low, high, open_low
+    def __init__(self, kind, meta):
+        self.kind, self.meta = kind, meta
         self.__name__ = kind.__name__                      # argparse names the type in its messages
 
     def __call__(self, text):
@@ -1889,22 +2205,10 @@ class Number:
             value = self.kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if self.kind is int else 'a number'}")
-        if not math.isfinite(value) or (self.low is not None and (value <= self.low if self.open_low
-                                                                  else value < self.low)) \
-                or (self.high is not None and value > self.high):
-            raise argparse.ArgumentTypeError(f"{text} is not {self.describe()}")
+        why = out_of_range(value, self.kind, self.meta)
+        if why:
+            raise argparse.ArgumentTypeError(f"{text} is not {range_text(self.kind, self.meta)}")
         return value
-
-    def describe(self):
-        low = "" if self.low is None else f"{'>' if self.open_low else '>='} {self.low}"
-        if self.high is None:
-            return f"{'an integer' if self.kind is int else 'a number'} {low}"
-        return f"in {self.low} .. {self.high}"
-
-
-COUNT = Number(int, 1)                      # epochs, batch sizes, layers, beams, sample limits
-INDEX = Number(int, 0)                      # a sample index, a patience
-SEED = Number(int, 0, 2 ** 63 - 1)
 
 
 class Parser(argparse.ArgumentParser):
@@ -1914,140 +2218,74 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def add_config_options(parser, section):
-    """One option per field of a configuration dataclass that carries help (see signattention.option): a
-    number range-checked, a choice among its values, a flag pair (--x / --no-x) for a boolean. Unset options
-    stay None, so the preset's value holds."""
-    for f in fields(section):
-        if "help" not in f.metadata:
+def add_options(parser, config, override=False):
+    """One argument per field of a configuration dataclass that carries help (see signattention.option): a
+    positional where the metadata says so, a number range-checked, a choice among its values, a flag for a
+    boolean. With `override` (train's sections) every option defaults to None, so that the preset's value
+    holds unless it is given, and a boolean is a pair --x / --no-x."""
+    for f in fields(config):
+        meta = f.metadata
+        if "help" not in meta:
             continue
-        meta, flag = f.metadata, "--" + f.name.replace("_", "-")
-        shown = ("on" if f.default else "off") if f.type is bool else f.default
-        help = (meta["help"] + (f" (default {shown})" if shown != "" else "")).replace("%", "%%")
-        if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
+        kind = value_kind(f)
+        shown = ("on" if f.default else "off") if override and kind is bool else f.default
+        hidden = shown is None or shown is False or shown is MISSING or shown in ("", ()) or "parse" in meta \
+            or "(default" in meta["help"]
+        shown = "" if hidden else f" (default {shown})"
+        spec = dict(help=(meta["help"] + shown).replace("%", "%%"))
+        if not override:
+            spec["default"] = None if f.default is MISSING else f.default
+        if kind is bool:
+            assert override or f.default is False, f"{f.name}: a flag that is on by default could not be turned off"
+            spec["action"] = argparse.BooleanOptionalAction if override else "store_true"
+        elif "parse" in meta:
+            spec["type"] = meta["parse"]
         elif "choices" in meta:
-            parser.add_argument(flag, choices=meta["choices"], type=f.type, help=help)
+            spec.update(type=kind, choices=meta["choices"])
+        elif kind in (int, float):
+            spec["type"] = Number(kind, meta)
+        spec.update({key: meta[key] for key in ("metavar", "nargs") if key in meta})
+        if meta.get("positional"):
+            if f.default is not MISSING:
+                spec["nargs"] = "?"
+            spec.pop("metavar", None)
+            parser.add_argument(f.name, **spec)
         else:
-            parser.add_argument(flag, type=Number(f.type, meta.get("low"), meta.get("high"), meta.get("open_low", False)),
-                                help=help)
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **spec)
 
 
 def parser():
+    """The command line: one sub-command per mode of MODES, its options those of the mode's configuration
+    (and for train, of every section a preset sets)."""
     p = Parser(description="Interpretable sign language translation: train, evaluate, explain.")
     sub = p.add_subparsers(dest="mode", required=True)
-    shared = Parser(add_help=False)
-    shared.add_argument("--data", help=f"dataset folder or signjoey prefix (default: {SYNTHETIC}, generated if missing)")
-    shared.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to compute")
-    shared.add_argument("--skip-bad", action="store_true", help="skip bad samples with a warning instead of stopping")
-    shared.add_argument("--seed", type=SEED, help="random seed (default 0)")
-
-    add_poses_mode(sub)
-    t = sub.add_parser("train", parents=[shared], help="train a model (default: synthetic GSL)")
-    t.add_argument("--out", help="run folder (default: runs/<time>-<data>-<preset>)")
-    t.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
-    t.add_argument("--format", choices=("gsl", "pose", "signjoey"), default="gsl",
-                   help="dataset layout of --data: the GSL folder layout (poses/<id>.npy), the same with pose-format "
-                        ".pose files, or signjoey feature pickles (see README)")
-    t.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                   help="configuration to start from; the options below override it (their defaults are the "
-                        "default preset's)")
-    for section in (sa.DataConfig, sa.ModelConfig, TrainConfig):
-        add_config_options(t, section)
-
-    e = sub.add_parser("eval", parents=[shared], help="evaluate a trained run on a split")
-    e.add_argument("run", nargs="?", help="run folder (default: the most recent under runs/)")
-    e.add_argument("--split", choices=sa.SPLITS, default="test", help="split to evaluate")
-    e.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint")
-    e.add_argument("--beam", type=COUNT, help="beam size (default: the run's)")
-    add_explanation_modes(sub, shared)
+    for name, (_, config, helptext) in MODES.items():
+        mode = sub.add_parser(name, help=helptext)
+        add_options(mode, config)
+        if config is TrainConfig:
+            for section, title in zip(SECTIONS.values(), ("data", "model", "training recipe")):
+                add_options(mode.add_argument_group(f"{title} (the preset's values unless given)"), section,
+                            override=True)
     return p
 
 
-def shard(text):
-    """--shard K/N -> (K, N), 1 <= K <= N."""
-    k, slash, n = text.partition("/")
-    if not (slash and k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
-        raise argparse.ArgumentTypeError(f"{text!r} is not K/N with 1 <= K <= N (e.g. 2/8)")
-    return int(k), int(n)
-
-
-def add_poses_mode(sub):
-    po = sub.add_parser("poses", help="MediaPipe Holistic keypoints of real recordings, in the dataset layout train "
-                                      "reads (needs the optional requirements-poses.txt)")
-    po.add_argument("path", help="a GSL or PHOENIX-2014-T tree, a folder of videos, or a folder of frame folders")
-    po.add_argument("--out", help="dataset folder to write (default: data/<name of the source folder>)")
-    po.add_argument("--source", choices=("gsl", "phoenix", "videos", "frames"),
-                    help="what the folder holds (default: recognised from its files)")
-    po.add_argument("--annotations", metavar="FILE", help="videos and frame folders: a CSV with id,text,gloss,split "
-                    "(ids: the video file names without extension, or the frame folder names)")
-    po.add_argument("--split-files", nargs="+", default=(), metavar="FILE",
-                    help="GSL: the split files (default: gsl_split_<protocol>_train/dev/test.csv found under the folder)")
-    po.add_argument("--text-file", metavar="FILE", help="GSL: merged_continuous.csv (default: found under the folder)")
-    po.add_argument("--protocol", choices=("SI", "SD"), default="SI",
-                    help="GSL: signer-independent or signer-dependent split files")
-    po.add_argument("--workers", type=COUNT, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                    else os.cpu_count() or 1,
-                    help="clips converted in parallel, one process each (default: the cores)")
-    po.add_argument("--shard", type=shard, default=(1, 1), metavar="K/N",
-                    help="convert only the K-th of N disjoint shards of the clips (N jobs, e.g. a SLURM array)")
-    po.add_argument("--limit", type=COUNT, help="first K clips of the shard only")
-    po.add_argument("--model-complexity", type=int, choices=(0, 1, 2), default=1,
-                    help="MediaPipe Holistic's model; only 1 ships with mediapipe 0.10.21")
-    po.add_argument("--skip-bad", action="store_true", help="skip bad annotation rows with a warning instead of stopping")
-
-
-def add_explanation_modes(sub, shared):
-    """extract and bench (on the options every mode shares), plot and perturb (which draw)."""
-    for name, helptext in (("extract", "decode a split and save attention, CTC posteriors and relevance"),
-                           ("bench", "time batched explanations against the per-token loop")):
-        x = sub.add_parser(name, parents=[shared], help=helptext)
-        x.add_argument("run", nargs="?", help="run folder (default: the most recent under runs/)")
-        x.add_argument("--split", choices=sa.SPLITS, default="test", help="split to explain")
-        x.add_argument("--methods", default="all", help="comma-separated methods, or all")
-        x.add_argument("--batch-size", type=COUNT, default=16, help="samples per batch")
-        x.add_argument("--limit", type=COUNT, default=20 if name == "bench" else None, help="first K samples only")
-        if name == "extract":
-            x.add_argument("--beam", type=COUNT, help="beam size of the decoding (default: the run's)")
-        else:
-            x.add_argument("--perturb", action="store_true",
-                           help="time the token-level perturbation tests instead, against one forward per removal")
-            x.add_argument("--train", action="store_true",
-                           help="time our training step against the same model on torch.nn.Transformer's layers")
-            x.add_argument("--lengths", action="store_true",
-                           help="each method's seconds per token and peak memory for 50 to 600 frames")
-    figures = Parser(add_help=False)       # the modes that draw
-    figures.add_argument("run", nargs="?", help="run folder (default: the most recent under runs/)")
-    figures.add_argument("--data", help="dataset folder (default: the run's)")
-    figures.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to compute")
-    figures.add_argument("--skip-bad", action="store_true", help="skip bad samples with a warning when explaining")
-    figures.add_argument("--split", choices=sa.SPLITS, default="test", help="split to draw or evaluate")
-    vi = sub.add_parser("view", parents=[figures], help="one HTML file to explore every sample, token and method "
-                                                        "(from the extraction, made if missing)")
-    vi.add_argument("--limit", type=COUNT, help="first K samples only")
-    figures.add_argument("--figure-type", choices=("png", "pdf", "svg"), default="png", help="figure file type")
-    pl = sub.add_parser("plot", parents=[figures],
-                        help="draw the SignAttention figures from the extraction (made if missing)")
-    pl.add_argument("--sample", type=INDEX, default=0, help="index of the sample in the extraction")
-    pl.add_argument("--all", action="store_true", help="the global analyses over the whole split")
-    pl.add_argument("--animate", action="store_true", help="also a GIF of the skeleton with attention bars")
-    pe = sub.add_parser("perturb", parents=[figures],
-                        help="perturbation tests (faithfulness) and pointing game (plausibility)")
-    pe.add_argument("--methods", default="all", help="comma-separated methods, or all (random is always added)")
-    pe.add_argument("--level", choices=("token", "sentence"), default="token",
-                    help="token: is each teacher-forced token still first; sentence: greedy decoding, accuracy, BLEU")
-    pe.add_argument("--perturb-mode", choices=explain.MODES, default="mask",
-                    help="mask: removed frames leave the encoder's key mask; zero: they are replaced by zeros")
-    pe.add_argument("--limit", type=COUNT, help="first K samples only (a quick table)")
-    pe.add_argument("--bootstrap", type=Number(int, 10, 100000), default=1000, help="bootstrap resamples of the 95%% intervals")
-    pe.add_argument("--seed", type=SEED, help="seed of the tie-breaking and the bootstrap (default 0)")
+def configuration(args):
+    """The mode's configuration from parsed arguments: its fields, and for train the options given of its
+    sections as overrides."""
+    config = MODES[args.mode][1]
+    values = {f.name: getattr(args, f.name) for f in fields(config) if "help" in f.metadata}
+    if config is TrainConfig:
+        values["overrides"] = {f.name: getattr(args, f.name) for section in SECTIONS.values()
+                               for f in fields(section) if "help" in f.metadata and getattr(args, f.name) is not None}
+    return config(**values)
 
 
 def main(argv=None):
+    """Run one mode from command-line arguments; the exit code: 0, 1 when poses could not read a clip, 2 on bad
+    input (one line on stderr, `error: ...`), 130 when interrupted."""
     args = parser().parse_args(argv)
     try:
-        status = {"poses": poses, "train": train, "eval": eval_mode, "extract": extract, "bench": bench,
-                  "plot": plot, "view": view, "perturb": perturb}[args.mode](args)
+        status = MODES[args.mode][0](configuration(args))
     except sa.DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -2057,7 +2295,7 @@ def main(argv=None):
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    return status or 0                             # poses: 1 when a clip could not be read
+    return status if args.mode == "poses" else 0
 
 
 if __name__ == "__main__":

@@ -3,15 +3,13 @@
 SignCL pulls each frame's feature towards its temporal neighbours and pushes it away from frames further
 than a margin away, so that frames of different signs stop crowding together. Reference: JinhuiYE/SignCL
 (`SignCL.py`, and the margin of its training scripts `examples/GFSLT-VLP/train_*_SignCL.py`). This version
-is vectorised over anchors, seedable, honours the padding mask, and is meant to be back-propagated (total
-loss = task loss + lambda * SignCL; the released pretraining script computes the loss without
-back-propagating it).
+is vectorised over anchors, seedable, honours each sample's length, and is meant to be back-propagated
+(total loss = task loss + lambda * SignCL, as signattention.training_loss adds it; the released pretraining
+script computes the loss without back-propagating it). This module needs torch only.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from signattention import frame_lengths, read_alignments
 
 
 def signcl_margin(num_frames, words):
@@ -28,11 +26,11 @@ def signcl_margin(num_frames, words):
     return min(2 * max(10, int(num_frames / max(words, 1) * 2.3)), max(1, (num_frames - 30) // 2))
 
 
-def batch_margins(src_mask, tgt_out, pad_id):
-    """signcl_margin of each sample of a batch: (B,) long, from its frames (up to its last real one) and its
-    words (its output tokens without EOS)."""
+def batch_margins(lengths, tgt_out, pad_id):
+    """signcl_margin of each sample of a batch: (B,) long, from its frames (`lengths` (B,): up to its last real
+    one, signattention.frame_lengths) and its words (its output tokens without EOS)."""
     words = (tgt_out != pad_id).sum(1) - 1
-    return torch.tensor([signcl_margin(int(f), int(n)) for f, n in zip(frame_lengths(src_mask), words)])
+    return torch.tensor([signcl_margin(int(f), int(n)) for f, n in zip(lengths, words)])
 
 
 class SignCL(nn.Module):
@@ -50,7 +48,7 @@ class SignCL(nn.Module):
     into the same softplus loss; it is not the paper's Eq. 5, which is a hinge of another form,
     d_pos + max(0, m - d_neg) with m = 64, and is not offered here.
 
-    Departures from the reference, each deliberate: the padding mask is honoured (the reference reads padded
+    Departures from the reference, each deliberate: each sample's length is honoured (the reference reads padded
     frames as frames); the sampling comes from a seedable generator, vectorised; the loss is divided once by
     the number of contributing anchors (the reference divides by the batch size twice); each sample has its
     own margin."""
@@ -92,13 +90,13 @@ class SignCL(nn.Module):
         top, neg_idx = score.topk(k, dim=-1)                                             # (B, T, k)
         return anchor_ok, pos_idx, pos_ok, neg_idx, top >= 0
 
-    def forward(self, features, margin, mask=None, generator=None):
-        """features (B, T, C); margin an int or a (B,) tensor (see signcl_margin); mask (B, T) bool, True =
-        real frame (a sample's frames run up to its last real one); generator a torch.Generator on the CPU
-        for the sampling."""
+    def forward(self, features, margin, lengths=None, generator=None):
+        """features (B, T, C); margin an int or a (B,) tensor (see signcl_margin); lengths (B,) each sample's
+        frames, up to its last real one (signattention.frame_lengths of the padding mask; default: all T);
+        generator a torch.Generator on the CPU for the sampling."""
         B, T, C = features.shape
         dev = features.device
-        lengths = frame_lengths(mask).to(dev) if mask is not None else torch.full((B,), T, device=dev)
+        lengths = torch.as_tensor(lengths, device=dev) if lengths is not None else torch.full((B,), T, device=dev)
         anchor_ok, pos_idx, pos_ok, neg_idx, neg_ok = self.sample(lengths, margin, T, generator)
         contributing = anchor_ok & neg_ok.any(-1) & pos_ok.any(-1)
         if not contributing.any():
@@ -140,70 +138,3 @@ def sdr(features, labels):
     if not len(ratios):
         return float("nan")
     return 100.0 * float(ratios.mean())
-
-
-def frame_labels(memory, gloss_logits, mask, record, dataset, alignments):
-    """SDR's labelled features for one sample: the encoder features (memory (T, C)) at the centre of each gloss
-    occurrence, with the gloss (a string, so that glosses unseen in training stay apart): from the true
-    segments ({id: [(position, gloss, start, end)]} in original frames) when alignments exist, else from the CTC Viterbi path of the reference glosses through the gloss
-    head's logits (T, V)."""
-    n = int(frame_lengths(mask[None]))
-    k = dataset.cfg.subsample
-    if alignments:                          # a segment between two of the frames the model reads has no centre
-        centres = [((a + b) // 2 // k, g) for _, g, a, b in alignments.get(record.id, []) if -(-a // k) < -(-b // k)]
-    else:
-        ids = dataset.gloss_vocab.encode(record.gloss)
-        path = ctc_viterbi(gloss_logits[:n].log_softmax(-1).cpu(), ids, blank=0)
-        centres, t = [], 0
-        while t < n:
-            end = t
-            while end + 1 < n and path[end + 1] == path[t]:
-                end += 1
-            if path[t] != 0:
-                centres.append(((t + end) // 2, dataset.gloss_vocab.itos[path[t]]))
-            t = end + 1
-    kept = [(c, g) for c, g in centres if c < n]
-    return [memory[c] for c, _ in kept], [g for _, g in kept]
-
-
-def sdr_segments(data_path, data_cfg, ctc_trained, samples=None):
-    """Where SDR's frame labels come from: the gloss segments of alignments.csv where it exists (its rows
-    checked against `samples`, see read_alignments), else {} (a CTC Viterbi path of the gloss head) when the
-    head was trained, else None (no SDR)."""
-    alignments = read_alignments(data_path, data_cfg.format, samples)
-    return alignments if alignments else ({} if ctc_trained else None)
-
-
-def ctc_viterbi(log_probs, target, blank=0):
-    """Most likely CTC path of `target` (list of ids) through log_probs (T, V): the label of every frame
-    (blank frames get `blank`). Used to label frames for SDR where no alignment is given."""
-    T = log_probs.shape[0]
-    states = [blank]
-    for t in target:
-        states += [t, blank]
-    S = len(states)
-    lp = log_probs[:, states].double()                                     # (T, S)
-    labels = torch.tensor(states)
-    # a label state may be entered from two back when the label differs from the one before it
-    skip = torch.zeros(S, dtype=torch.bool)
-    skip[2:] = (labels[2:] != blank) & (labels[2:] != labels[:-2])
-    score = torch.full((S,), float("-inf"), dtype=torch.float64)
-    score[0] = lp[0, 0]
-    if S > 1:
-        score[1] = lp[0, 1]
-    back = torch.zeros(T, S, dtype=torch.long)
-    idx = torch.arange(S)
-    for t in range(1, T):
-        stay = score
-        step = torch.cat([torch.tensor([float("-inf")], dtype=torch.float64), score[:-1]])
-        jump = torch.cat([torch.tensor([float("-inf")] * 2, dtype=torch.float64), score[:-2]])[:S]
-        jump = torch.where(skip, jump, torch.tensor(float("-inf"), dtype=torch.float64))
-        choice = torch.stack([stay, step, jump])                            # (3, S)
-        best, arg = choice.max(0)
-        back[t] = idx - arg
-        score = best + lp[t]
-    end = S - 1 if S == 1 or score[S - 1] >= score[S - 2] else S - 2
-    path = [end]
-    for t in range(T - 1, 0, -1):
-        path.append(int(back[t, path[-1]]))
-    return labels[torch.tensor(path[::-1])].tolist()

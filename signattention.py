@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sign_cl import SignCL, batch_margins
+
 # ----------------------------------------------------------------------------------------------------
 # 1. Data
 # ----------------------------------------------------------------------------------------------------
@@ -46,6 +48,11 @@ L_SHOULDER, R_SHOULDER = 11, 12
 # clockwise on the image; the viewer draws it
 FACE_OVAL = [10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377, 152, 148,
              176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109]
+# The skeleton the figures and the viewer draw: pairs of indices into BODY (its first 25 points) and into a
+# hand's 21 points (LEFT_HAND, RIGHT_HAND), MediaPipe's POSE_CONNECTIONS and HAND_CONNECTIONS in part
+BODY_EDGES = [(11, 12), (11, 13), (13, 15), (12, 14), (14, 16), (11, 23), (12, 24), (23, 24), (9, 10), (7, 8)]
+HAND_EDGES = [(0, 1), (1, 2), (2, 3), (3, 4), (0, 5), (5, 6), (6, 7), (7, 8), (5, 9), (9, 10), (10, 11), (11, 12),
+              (9, 13), (13, 14), (14, 15), (15, 16), (13, 17), (17, 18), (18, 19), (19, 20), (0, 17)]
 SPLITS = ("train", "val", "test")
 SPLIT_NAMES = {"train": "train", "dev": "val", "val": "val", "test": "test"}     # dev is our val; any case
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
@@ -1179,8 +1186,9 @@ def normalise_pose(frames, keypoints):
 
 
 def option(default, help, **limits):
-    """A configuration field that is also a command-line option of `python run.py train`: its help, and
-    `choices`, or for a number its range (low, high, open_low: low itself excluded)."""
+    """A configuration field that is also a command-line option (run.py builds its parser from these): its
+    help, and `choices`, or for a number its range (low, high, open_low: low itself excluded); for run.py's
+    modes also `positional`, `metavar`, `nargs` or `parse` (a function from the text to the value)."""
     return field(default=default, metadata=dict(help=help, **limits))
 
 
@@ -1534,18 +1542,32 @@ class TorchTransformerTranslator(SignTranslator):
         return self.head(self.decoder_norm(y))
 
 
-def training_loss(model, batch, label_smoothing=0.0, ctc_weight=0.0):
-    """The objective of a batch (SignDataset.batch): the decoder's teacher-forced cross-entropy with label
-    smoothing, plus ctc_weight x the CTC loss of the gloss head over each sample's frames (blank = PAD).
-    Returns the loss and the encoder's memory (B, T, C), to which an encoder loss such as SignCL adds."""
-    memory = model.encode(batch["src"], batch["src_mask"])
+def decoder_loss(model, memory, batch, label_smoothing=0.0, reduction="mean"):
+    """The decoder's teacher-forced cross-entropy over the batch's target tokens (PAD ignored), with label
+    smoothing, and its logits (B, n, V): training takes the mean, evaluation the sum and the tokens the logits
+    rank first."""
     logits = model.decode(memory, batch["src_mask"], batch["tgt_in"])
     loss = F.cross_entropy(logits.flatten(0, 1), batch["tgt_out"].flatten(), ignore_index=model.pad_id,
-                           label_smoothing=label_smoothing)
+                           label_smoothing=label_smoothing, reduction=reduction)
+    return loss, logits
+
+
+def training_loss(model, batch, label_smoothing=0.0, ctc_weight=0.0, signcl=0.0, generator=None):
+    """The whole objective of a batch (SignDataset.batch): the decoder's teacher-forced cross-entropy with
+    label smoothing (decoder_loss), plus ctc_weight x the CTC loss of the gloss head over each sample's frames
+    (blank = PAD), plus signcl x the SignCL loss of the encoder's frame features (sign_cl.SignCL, its
+    negatives drawn from `generator`, each sample's margin from its frames and words). Returns the loss and
+    the encoder's memory (B, T, C)."""
+    memory = model.encode(batch["src"], batch["src_mask"])
+    loss, _ = decoder_loss(model, memory, batch, label_smoothing)
+    lengths = frame_lengths(batch["src_mask"])
     if ctc_weight > 0:
         log_probs = model.gloss_logits(memory).log_softmax(-1).transpose(0, 1)          # (T, B, V)
-        loss = loss + ctc_weight * F.ctc_loss(log_probs, batch["gloss"], frame_lengths(batch["src_mask"]),
-                                              batch["gloss_lengths"], blank=model.pad_id, zero_infinity=True)
+        loss = loss + ctc_weight * F.ctc_loss(log_probs, batch["gloss"], lengths, batch["gloss_lengths"],
+                                              blank=model.pad_id, zero_infinity=True)
+    if signcl > 0:
+        margin = batch_margins(lengths, batch["tgt_out"], model.pad_id)
+        loss = loss + signcl * SignCL()(memory, margin, lengths, generator)
     return loss, memory
 
 
@@ -1647,6 +1669,64 @@ def ctc_decode(gloss_logits, src_mask, blank=0):
         path = torch.unique_consecutive(path[:n]).tolist()
         out.append([i for i in path if i != blank])
     return out
+
+
+def ctc_viterbi(log_probs, target, blank=0):
+    """Most likely CTC path of `target` (list of ids) through log_probs (T, V): the label of every frame
+    (blank frames get `blank`). Labels frames for SDR where no alignment is given (viterbi_centres)."""
+    T = log_probs.shape[0]
+    states = [blank]
+    for t in target:
+        states += [t, blank]
+    S = len(states)
+    lp = log_probs[:, states].double()                                     # (T, S)
+    labels = torch.tensor(states)
+    # a label state may be entered from two back when the label differs from the one before it
+    skip = torch.zeros(S, dtype=torch.bool)
+    skip[2:] = (labels[2:] != blank) & (labels[2:] != labels[:-2])
+    score = torch.full((S,), float("-inf"), dtype=torch.float64)
+    score[0] = lp[0, 0]
+    if S > 1:
+        score[1] = lp[0, 1]
+    back = torch.zeros(T, S, dtype=torch.long)
+    idx = torch.arange(S)
+    for t in range(1, T):
+        stay = score
+        step = torch.cat([torch.tensor([float("-inf")], dtype=torch.float64), score[:-1]])
+        jump = torch.cat([torch.tensor([float("-inf")] * 2, dtype=torch.float64), score[:-2]])[:S]
+        jump = torch.where(skip, jump, torch.tensor(float("-inf"), dtype=torch.float64))
+        choice = torch.stack([stay, step, jump])                            # (3, S)
+        best, arg = choice.max(0)
+        back[t] = idx - arg
+        score = best + lp[t]
+    end = S - 1 if S == 1 or score[S - 1] >= score[S - 2] else S - 2
+    path = [end]
+    for t in range(T - 1, 0, -1):
+        path.append(int(back[t, path[-1]]))
+    return labels[torch.tensor(path[::-1])].tolist()
+
+
+def segment_centres(segments, subsample):
+    """(model frame, gloss) at the centre of each gloss segment [(position, gloss, start, end)] of one sample,
+    in original frames (alignments.csv), the model reading one frame in `subsample`. A segment between two of
+    the frames the model reads has no centre and is left out."""
+    k = subsample
+    return [((a + b) // 2 // k, g) for _, g, a, b in segments if -(-a // k) < -(-b // k)]
+
+
+def viterbi_centres(log_probs, gloss_ids, itos, blank=0):
+    """(model frame, gloss) at the centre of each run of one gloss on the CTC Viterbi path (ctc_viterbi) of
+    the reference glosses `gloss_ids` through one sample's gloss log-probabilities (T, V); `itos` names them."""
+    path, n = ctc_viterbi(log_probs, gloss_ids, blank), len(log_probs)
+    centres, t = [], 0
+    while t < n:
+        end = t
+        while end + 1 < n and path[end + 1] == path[t]:
+            end += 1
+        if path[t] != blank:
+            centres.append(((t + end) // 2, itos[path[t]]))
+        t = end + 1
+    return centres
 
 
 # ----------------------------------------------------------------------------------------------------
