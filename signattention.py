@@ -321,10 +321,14 @@ def _render(states, signer, rng):
         for pose_id, hand_id in zip((18 - h, 20 - h, 22 - h), (17, 5, 4)):  # pinky, index, thumb
             body[:, pose_id] = hand[:, hand_id]
         body[:, wrist_id, 2] = hand[:, 0, 2]
-    face = signer["face"][None] + np.concatenate([sway, np.zeros((n, 1))], 1)[:, None]
-    points = np.concatenate([body, face, left, right], 1)           # MediaPipe order
-    points[:, :, :2] = points[:, :, :2] * signer["scale"] * 0.24 + signer["origin"]
-    points[:, :, 2] *= signer["scale"] * 0.24
+    # into image units (x, y scaled and moved to the signer's origin, z scaled), the face from its template
+    # once and then moved by the sway, which writes the 468 face points in one pass
+    scale = signer["scale"] * 0.24
+    to_image = lambda part: part * scale + np.append(signer["origin"], 0.0)
+    points = np.empty((n, N_KEYPOINTS, 3))                           # MediaPipe order
+    points[:, BODY], points[:, LEFT_HAND], points[:, RIGHT_HAND] = to_image(body), to_image(left), to_image(right)
+    points[:, FACE] = to_image(signer["face"])[None]
+    points[:, FACE, :2] += sway[:, None] * scale
     points += rng.normal(0, signer["jitter"], points.shape)
     return points
 
@@ -398,12 +402,14 @@ def _perform(gloss, lexicon, signer, rng):
     return points[:, None].astype(np.float32), segments
 
 
-def generate_synthetic_gsl(path, n_sentences=300, n_signers=7, reps=1, seed=0):
+def generate_synthetic_gsl(path, n_sentences=300, n_signers=7, reps=1, seed=0, workers=None):
     """Write the synthetic GSL to `path` in the GSL layout plus alignments.csv (the README's "The synthetic
     GSL" says what it holds).
 
     Every signer signs every sentence `reps` times; the last signer is the test split, the one
-    before it validation (signer-independent, like GSL SI). The folder appears atomically.
+    before it validation (signer-independent, like GSL SI). Each signer's recordings are drawn from their
+    own generator (seed, signer), so `workers` processes (default: one per core for 600 clips or more, else
+    one) write the same data as one. The folder appears atomically.
     """
     rng = np.random.default_rng(seed)
     lexicon = _gloss_lexicon(rng)
@@ -414,19 +420,23 @@ def generate_synthetic_gsl(path, n_sentences=300, n_signers=7, reps=1, seed=0):
             seen.add(tuple(gloss))
             sentences.append((gloss, text))
     signers = [_signer(k, rng) for k in range(n_signers)]
-    split_of = {n_signers - 1: "test", n_signers - 2: "val"}
     tmp = f"{path}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.join(tmp, "poses"))
-    rows, alignments = [], []
-    for signer in signers:
-        for rep in range(reps):
-            for j, (gloss, text) in enumerate(sentences):
-                sid = f"synth_signer{signer['id'] + 1}_rep{rep + 1}_sentences{j:04d}"
-                points, segments = _perform(gloss, lexicon, signer, rng)
-                np.save(os.path.join(tmp, "poses", sid + ".npy"), points)
-                rows.append([sid, " ".join(text), " ".join(gloss), split_of.get(signer["id"], "train")])
-                alignments += [[sid, p, g, a, b] for p, (g, (a, b)) in enumerate(zip(gloss, segments))]
+    jobs = [(signer, {n_signers - 1: "test", n_signers - 2: "val"}.get(signer["id"], "train"), reps, sentences,
+             lexicon, tmp, seed) for signer in signers]
+    if workers is None:
+        workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
+                      n_signers) if n_sentences * n_signers * reps >= 600 else 1
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            signed = list(pool.map(_sign_sentences, jobs))
+    else:
+        signed = [_sign_sentences(job) for job in jobs]
+    rows = [row for r, _ in signed for row in r]
+    alignments = [row for _, a in signed for row in a]
     with open(os.path.join(tmp, "annotations.csv"), "w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows([["id", "text", "gloss", "split"]] + rows)
     with open(os.path.join(tmp, "alignments.csv"), "w", newline="", encoding="utf-8") as f:
@@ -439,6 +449,22 @@ def generate_synthetic_gsl(path, n_sentences=300, n_signers=7, reps=1, seed=0):
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
     return path
+
+
+def _sign_sentences(job):
+    """One signer signs every sentence `reps` times, drawn from the generator (seed, signer): writes the pose
+    files into folder/poses and returns their annotation rows and alignment rows."""
+    signer, split, reps, sentences, lexicon, folder, seed = job
+    rng = np.random.default_rng([seed, signer["id"]])
+    rows, alignments = [], []
+    for rep in range(reps):
+        for j, (gloss, text) in enumerate(sentences):
+            sid = f"synth_signer{signer['id'] + 1}_rep{rep + 1}_sentences{j:04d}"
+            points, segments = _perform(gloss, lexicon, signer, rng)
+            np.save(os.path.join(folder, "poses", sid + ".npy"), points)
+            rows.append([sid, " ".join(text), " ".join(gloss), split])
+            alignments += [[sid, p, g, a, b] for p, (g, (a, b)) in enumerate(zip(gloss, segments))]
+    return rows, alignments
 
 
 # --- 1b. Readers: the GSL layout and signjoey pickles ----------------------------------------------
@@ -1199,7 +1225,7 @@ class DataConfig:
     keypoints: str = option("body+hands", "MediaPipe keypoints used as features", choices=tuple(KEYPOINT_SETS))
     coords: int = option(2, "coordinates per keypoint (x, y or x, y, z)", choices=(2, 3))
     normalise: bool = option(True, "centre the keypoints on the shoulders and scale by the shoulder width")
-    subsample: int = option(2, "keep one frame per chunk of this many (a random one in training)", low=1)
+    subsample: int = option(3, "keep one frame per chunk of this many (a random one in training)", low=1)
     max_frames: int = option(400, "frames kept per sample after subsampling", low=1)
     max_tokens: int = option(20, "output tokens per sample before EOS", low=1)
     target: str = option("text", "what the decoder writes", choices=("text", "gloss"))
@@ -1328,8 +1354,8 @@ class ModelConfig:
     decoder_layers: int = option(2, "decoder depth", low=1)
     feedforward: int = option(512, "hidden width of each feed-forward block", low=1)
     embed_hidden: int = option(128, "hidden width of the per-frame embedder", low=1)
-    dropout: float = option(0.1, "dropout in the transformer", low=0.0, high=0.99)
-    pos_dropout: float = option(0.1, "dropout after the positional encoding", low=0.0, high=0.99)
+    dropout: float = option(0.0, "dropout in the transformer", low=0.0, high=0.99)
+    pos_dropout: float = option(0.0, "dropout after the positional encoding", low=0.0, high=0.99)
     norm_first: bool = option(True, "pre-LayerNorm layers (--no-norm-first: post-LayerNorm, as SignAttention)")
     final_norm: bool = option(True, "a LayerNorm after the last encoder and decoder layer (nn.Transformer's)")
     init: str = option("default", "initialisation: PyTorch's layer defaults, or nn.Transformer's Xavier",

@@ -244,10 +244,10 @@ def test_cli_bad_input_is_one_line_and_nonzero(tiny_gsl, tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "annotations.csv: line 50" in lines[0] and "Traceback" not in result.stderr
-    result = run(["train", "--data", folder, "--epochs", "1", "--skip-bad", "--out", "r"] + TINY_MODEL,
-                 str(tmp_path))
-    assert result.returncode == 0, result.stderr
-    assert "skipped 1 bad sample(s)" in result.stdout
+    import run as cli
+    _, printed = call(cli.train, cli.TrainConfig(data=folder, skip_bad=True, out="r", overrides=tiny(epochs=1)),
+                      tmp_path)
+    assert "skipped 1 bad sample(s)" in printed
 
 
 # every numeric option of every mode, with values out of its range (the table must name them all)
@@ -292,11 +292,10 @@ def test_every_numeric_option_is_range_checked(tmp_path, monkeypatch, capsys):
     assert cli.main(["train", "--preset", "signattention", "--d-model", "12"]) == 2      # 8 heads
     assert err_line(capsys) == "error: --d-model 12: must be a multiple of the 8 attention heads"
     assert os.listdir(tmp_path) == []
-    # as a user runs it: out-of-range counts that would make a run folder if they got through
-    for args in (["train", "--batch-size", "0"], ["train", "--epochs", "0"], ["eval", "--beam", "0"]):
-        result = run(args, str(tmp_path))
-        assert result.returncode == 2 and len(result.stderr.splitlines()) == 1 and not result.stdout
-        assert result.stderr.startswith(f"run.py {args[0]}: error: argument {args[1]}: 0 is not an integer >= 1")
+    # as a user runs it: an out-of-range count that would make a run folder if it got through
+    result = run(["train", "--batch-size", "0"], str(tmp_path))
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1 and not result.stdout
+    assert result.stderr.startswith("run.py train: error: argument --batch-size: 0 is not an integer >= 1")
     assert os.listdir(tmp_path) == []
 
 
@@ -827,7 +826,7 @@ def test_poses_bad_sources_get_one_line_errors(tmp_path, monkeypatch, capsys):
 # ----------------------------------------------------------------------------------------------------
 
 def test_vocabulary_and_batches(tiny_gsl):
-    cfg = sa.DataConfig()
+    cfg = sa.DataConfig(subsample=2)
     records = sa.load_records(tiny_gsl, cfg, ("train",))
     gloss = sa.Vocabulary(w for r in records for w in r.gloss)
     text = sa.Vocabulary(w for r in records for w in r.text)
@@ -1156,8 +1155,11 @@ def test_train_then_eval_as_a_user(tiny_gsl, tiny_run):
 
 
 def test_kill_9_then_resume_reaches_the_same_result(tiny_gsl, tmp_path):
+    """A run killed with -9 between epochs and resumed (in this process) reaches what an uninterrupted run
+    reaches, epoch by epoch."""
+    import run as cli
     args = ["train", "--data", tiny_gsl, "--epochs", "3", "--seed", "3"] + TINY_MODEL
-    assert run(args + ["--out", "full"], str(tmp_path)).returncode == 0
+    call(cli.train, cli.TrainConfig(data=tiny_gsl, out="full", overrides=tiny(epochs=3, seed=3)), tmp_path)
     proc = subprocess.Popen(RUN + args + ["--out", "cut"], cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -1167,8 +1169,7 @@ def test_kill_9_then_resume_reaches_the_same_result(tiny_gsl, tmp_path):
     proc.wait()
     state = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
     assert state["epoch"] < 3, "the run finished before it was killed"
-    result = run(["train", "--resume", "cut"], str(tmp_path))
-    assert result.returncode == 0, result.stderr
+    call(cli.train, cli.TrainConfig(resume="cut"), tmp_path)
     assert history_without_time(tmp_path / "cut") == history_without_time(tmp_path / "full")
     full, cut = (json.load(open(tmp_path / d / "results.json")) for d in ("full", "cut"))
     assert {k: v for k, v in full["test"].items() if k != "seconds"} == {k: v for k, v in cut["test"].items() if k != "seconds"}
@@ -1758,8 +1759,9 @@ def test_word_gloss_links_and_token_segments():
     assert "το" not in links                      # with every pronoun and verb alike: Dice 0.5
     tied = [(["Α", "Β"], ["x"]), (["Α", "Β"], ["x"]), (["Γ"], ["y"])]           # x: Α and Β tie at Dice 1
     script = f"import signattention as sa; print(sorted(sa.gloss_links({tied!r}).items()))"
-    seen = {subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True,
-                           env=dict(os.environ, PYTHONHASHSEED=str(seed))).stdout for seed in range(6)}
+    started = [subprocess.Popen([sys.executable, "-c", script], cwd=HERE, stdout=subprocess.PIPE, text=True,
+                                env=dict(os.environ, PYTHONHASHSEED=str(seed))) for seed in range(6)]
+    seen = {p.communicate()[0] for p in started}
     assert seen == {"[('x', 'Α'), ('y', 'Γ')]\n"}                 # a tie goes the same way in every process
     alignments = [(0, "ΕΓΩ(1)", 4, 20), (1, "ΚΛΕΙΔΙ", 24, 40), (2, "ΧΑΝΩ", 43, 60)]
     sample = dict(tokens=["έχασα", "το", "κλειδί", sa.EOS], gloss_reference=["ΕΓΩ(1)", "ΚΛΕΙΔΙ", "ΧΑΝΩ"], frames=30)
@@ -2205,10 +2207,12 @@ def test_torchrun_extract_and_perturb_equal_one_process(tiny_run):
     for a, b in zip(one["samples"], two["samples"]):
         same(a, b)
     tables = []
-    for name, start in (("one", lambda args: run(args, str(cwd))), ("two", lambda args: torchrun(args, cwd))):
-        result = start(["perturb", name, "--limit", "6", "--bootstrap", "100"])
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert "relevance from" in result.stdout
+    import run as cli
+    _, printed = call(cli.perturb, cli.PerturbConfig(run="one", limit=6, bootstrap=100), cwd)
+    result = torchrun(["perturb", "two", "--limit", "6", "--bootstrap", "100"], cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "relevance from" in printed and "relevance from" in result.stdout
+    for name in ("one", "two"):
         tables.append([open(cwd / name / f"perturb_test_token_first6{suffix}", encoding="utf-8").read()
                        for suffix in (".csv", "_curves.csv")])
     assert tables[0] == tables[1]
@@ -2573,10 +2577,8 @@ def test_perturb_as_a_user(tiny_run):
     for r in rows:
         for key in ("positive", "negative", "bleu_positive", "bleu_negative"):
             assert float(r[f"{key}_low"]) <= float(r[key]) <= float(r[f"{key}_high"]) and 0 <= float(r[key]) <= 90
-    for args, message in ((["--limit", "0"], "--limit"), (["--methods", "nope"], "unknown method(s) nope"),
-                          (["--bootstrap", "5"], "--bootstrap")):
-        bad = run(["perturb", "p"] + args, str(cwd))
-        assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    code, printed = run_here(["perturb", "p", "--methods", "nope"], cwd)      # ranges: in the table of every option
+    assert code == 2 and "unknown method(s) nope" in printed and len(printed.strip().splitlines()) == 1
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2648,7 +2650,8 @@ def awkward(tiny_gsl, tmp_path_factory):
     root = tmp_path_factory.mktemp("awkward")
     data, ids = make_awkward_gsl(tiny_gsl, str(root / "data"))
     import run as cli
-    _, printed = call(cli.train, cli.TrainConfig(data=data, out="r", overrides=tiny(epochs=2, signcl=0.01)), root)
+    _, printed = call(cli.train, cli.TrainConfig(data=data, out="r", overrides=tiny(epochs=2, signcl=0.01, subsample=2)),
+                      root)                                      # one frame in 2: the shapes the tests name
     return root, data, ids, printed
 
 
