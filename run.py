@@ -1694,46 +1694,60 @@ SAMPLE_FIGURES = dict(skeleton=figure_skeleton, cross_attention=figure_cross_att
 
 
 def draw_skeleton(ax, frame, alpha=1.0):
-    """One frame of MediaPipe keypoints (543, 2): body lines, hands, and the face as a faint cloud."""
-    ax.scatter(frame[sa.FACE, 0], frame[sa.FACE, 1], s=0.3, color="0.7", alpha=alpha)
-    for a, b in sa.BODY_EDGES:
-        ax.plot(frame[[a, b], 0], frame[[a, b], 1], color="0.2", linewidth=1.2, alpha=alpha)
+    """One frame of MediaPipe keypoints (543, 2): body lines, hands, and the face as a faint cloud. Returns a
+    function that moves every drawn line and point to another frame (an animation's next one)."""
+    face = ax.scatter(frame[sa.FACE, 0], frame[sa.FACE, 1], s=0.3, color="0.7", alpha=alpha)
+    lines = [((a, b), ax.plot(frame[[a, b], 0], frame[[a, b], 1], color="0.2", linewidth=1.2, alpha=alpha)[0])
+             for a, b in sa.BODY_EDGES]
     for ids, color in ((sa.RIGHT_HAND, "tab:red"), (sa.LEFT_HAND, "tab:blue")):
-        hand = frame[ids]
-        for a, b in sa.HAND_EDGES:
-            ax.plot(hand[[a, b], 0], hand[[a, b], 1], color=color, linewidth=0.8, alpha=alpha)
+        lines += [((ids[a], ids[b]), ax.plot(frame[[ids[a], ids[b]], 0], frame[[ids[a], ids[b]], 1], color=color,
+                                             linewidth=0.8, alpha=alpha)[0]) for a, b in sa.HAND_EDGES]
+
+    def move(other):
+        face.set_offsets(other[sa.FACE, :2])
+        for (a, b), line in lines:
+            line.set_data(other[[a, b], 0], other[[a, b], 1])
+    return move
 
 
 def animate_sample(plt, s, pose, cross, k, path):
-    """A GIF: the skeleton at each model frame, and one bar per predicted token with its cross-attention
-    (last layer, mean over heads) at that frame."""
-    from matplotlib.animation import FuncAnimation, PillowWriter
+    """A GIF (written atomically, 100 dpi, 10 frames/s): the skeleton at each model frame, and one bar per
+    predicted token with its cross-attention (last layer, mean over heads) at that frame. The figure is laid
+    out once; each frame moves its lines and bars and is drawn once."""
+    from PIL import Image
     tokens, T = s["tokens"], s["frames"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4.2), gridspec_kw=dict(width_ratios=[1, 1.3]), layout="constrained")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4.2), gridspec_kw=dict(width_ratios=[1, 1.3]),
+                                      layout="constrained", dpi=100)
     pts = pose[:, sa.BODY[:25] + sa.LEFT_HAND + sa.RIGHT_HAND]
     lo, hi = np.nanmin(pts, (0, 1)), np.nanmax(pts, (0, 1))
-    top = float(cross.max())
-
-    def draw(t):
-        left.clear()
-        right.clear()
-        draw_skeleton(left, pose[min(t * k, len(pose) - 1)])
-        left.set_xlim(lo[0] - 0.05, hi[0] + 0.05)
-        left.set_ylim(hi[1] + 0.05, lo[1] - 0.05)
-        left.set_aspect("equal")
-        left.set_xticks([])
-        left.set_yticks([])
-        left.set_title(f"frame {t * k}", fontsize=9)
-        right.barh(range(len(tokens)), cross[:, t].numpy(), color="tab:purple")
-        right.set_yticks(range(len(tokens)), tokens, fontsize=8)
-        right.invert_yaxis()
-        right.set_xlim(0, top)
-        right.set_xlabel("cross-attention to this frame (last layer)")
-        right.set_title(s["id"], fontsize=9)
-
-    animation = FuncAnimation(fig, draw, frames=T)
-    animation.save(path, writer=PillowWriter(fps=10))
+    move = draw_skeleton(left, pose[0])
+    left.set_xlim(lo[0] - 0.05, hi[0] + 0.05)
+    left.set_ylim(hi[1] + 0.05, lo[1] - 0.05)
+    left.set_aspect("equal")
+    left.set_xticks([])
+    left.set_yticks([])
+    title = left.set_title("frame 0", fontsize=9)
+    bars = right.barh(range(len(tokens)), cross[:, 0].numpy(), color="tab:purple")
+    right.set_yticks(range(len(tokens)), tokens, fontsize=8)
+    right.invert_yaxis()
+    right.set_xlim(0, float(cross.max()))
+    right.set_xlabel("cross-attention to this frame (last layer)")
+    right.set_title(s["id"], fontsize=9)
+    fig.canvas.draw()
+    fig.set_layout_engine("none")
+    pictures = []
+    for t in range(T):
+        move(pose[min(t * k, len(pose) - 1)])
+        title.set_text(f"frame {t * k}")
+        for bar, width in zip(bars, cross[:, t].tolist()):
+            bar.set_width(width)
+        fig.canvas.draw()
+        pictures.append(Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()))
     plt.close(fig)
+    palette = pictures[0].quantize(255, method=Image.Quantize.FASTOCTREE)          # the colours stay the same
+    frames = [palette] + [p.quantize(palette=palette, dither=Image.Dither.NONE) for p in pictures[1:]]
+    sa.atomic_write(path, lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
+                                                     duration=100, loop=0))
     return path
 
 
