@@ -1,13 +1,14 @@
 """Command line of the signattention package: one section per mode, each opening with its entry point.
 
     python run.py poses PATH [--out data/NAME] [--annotations ann.csv] [--workers N] [--shard K/N]
-    python run.py train                      # synthetic GSL, default model, about 6 minutes on 2 CPU cores
+    python run.py train                      # synthetic GSL, default model, about 1.5 minutes on 2 CPU cores
     python run.py train --preset signattention
     python run.py train --data PATH [--format gsl|pose|signjoey] [--signcl 0.01]
     python run.py train --resume runs/<name>
     python run.py eval runs/<name> [--split test]
     python run.py extract [RUN] [--methods all]   # attention maps, CTC posteriors and every relevance method
     python run.py bench [RUN] [--limit 20]        # batched explanations vs the per-token loop
+    python run.py bench --recipes                 # the default training recipe against the previous one
     python run.py plot [RUN] --sample N | --all   # the SignAttention figures
     python run.py view [RUN] [--limit K]          # one offline HTML file: samples, signer, every method
     python run.py perturb [RUN] [--level token|sentence] [--perturb-mode mask|zero] [--limit K]
