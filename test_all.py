@@ -1162,7 +1162,7 @@ def test_kill_9_then_resume_reaches_the_same_result(tiny_gsl, tmp_path):
     reaches, epoch by epoch."""
     import run as cli
     args = ["train", "--data", tiny_gsl, "--epochs", "3", "--seed", "3"] + TINY_MODEL
-    assert run(args + ["--out", "full"], str(tmp_path)).returncode == 0                # as a user runs it
+    call(cli.train, cli.TrainConfig(data=tiny_gsl, out="full", overrides=tiny(epochs=3, seed=3)), tmp_path)
     proc = subprocess.Popen(RUN + args + ["--out", "cut"], cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -2190,8 +2190,9 @@ def test_torchrun_extract_and_perturb_equal_one_process(tiny_run):
     cwd, _ = tiny_run
     for name in ("one", "two"):
         run_folder_copy(cwd, name)
-    assert run(["extract", "one", "--limit", "6"], str(cwd)).returncode == 0          # as a user runs it
-    result = torchrun(["extract", "two", "--limit", "6"], cwd)
+    import run as cli
+    call(cli.extract, cli.ExtractConfig(run="one", limit=6), cwd)
+    result = torchrun(["extract", "two", "--limit", "6"], cwd)                        # as a user runs it
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = (torch.load(cwd / name / "extract_test.pt", weights_only=True) for name in ("one", "two"))
     assert [s["id"] for s in one["samples"]] == [s["id"] for s in two["samples"]] and len(one["samples"]) == 6
@@ -2210,7 +2211,6 @@ def test_torchrun_extract_and_perturb_equal_one_process(tiny_run):
     for a, b in zip(one["samples"], two["samples"]):
         same(a, b)
     tables = []
-    import run as cli
     _, printed = call(cli.perturb, cli.PerturbConfig(run="one", limit=6, bootstrap=100), cwd)
     result = torchrun(["perturb", "two", "--limit", "6", "--bootstrap", "100"], cwd)
     assert result.returncode == 0, result.stderr[-3000:]
