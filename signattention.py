@@ -402,14 +402,18 @@ def _perform(gloss, lexicon, signer, rng):
     return points[:, None].astype(np.float32), segments
 
 
-def generate_synthetic_gsl(path, n_sentences=300, n_signers=7, reps=1, seed=0, workers=None):
+SYNTHETIC_GENERATOR = 2              # recorded in metadata.json: 2 = each signer from their own generator
+
+
+def generate_synthetic_gsl(path, n_sentences=300, n_signers=7, reps=1, seed=0, workers=1):
     """Write the synthetic GSL to `path` in the GSL layout plus alignments.csv (the README's "The synthetic
     GSL" says what it holds).
 
     Every signer signs every sentence `reps` times; the last signer is the test split, the one
     before it validation (signer-independent, like GSL SI). Each signer's recordings are drawn from their
-    own generator (seed, signer), so `workers` processes (default: one per core for 600 clips or more, else
-    one) write the same data as one. The folder appears atomically.
+    own generator (seed, signer), so `workers` processes (at most one per signer; `python run.py` uses one
+    per core) write the same data as one. They are started with "spawn": a script that calls this with
+    workers > 1 needs the `if __name__ == "__main__":` guard. The folder appears atomically.
     """
     rng = np.random.default_rng(seed)
     lexicon = _gloss_lexicon(rng)
@@ -425,9 +429,7 @@ def generate_synthetic_gsl(path, n_sentences=300, n_signers=7, reps=1, seed=0, w
     os.makedirs(os.path.join(tmp, "poses"))
     jobs = [(signer, {n_signers - 1: "test", n_signers - 2: "val"}.get(signer["id"], "train"), reps, sentences,
              lexicon, tmp, seed) for signer in signers]
-    if workers is None:
-        workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
-                      n_signers) if n_sentences * n_signers * reps >= 600 else 1
+    workers = min(workers, n_signers)
     if workers > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -443,7 +445,8 @@ def generate_synthetic_gsl(path, n_sentences=300, n_signers=7, reps=1, seed=0, w
         csv.writer(f).writerows([["id", "position", "gloss", "start", "end"]] + alignments)
     with open(os.path.join(tmp, "metadata.json"), "w", encoding="utf-8") as f:
         json.dump(dict(name="Synthetic GSL", id="synthetic_gsl", input_language="gsl", output_language="el",
-                       fps=30, seed=seed, sentences=n_sentences, signers=n_signers, repetitions=reps,
+                       fps=30, seed=seed, generator=SYNTHETIC_GENERATOR, sentences=n_sentences, signers=n_signers,
+                       repetitions=reps,
                        glosses=len(SYNTHETIC_GLOSSES), test_signer=n_signers, val_signer=n_signers - 1),
                   f, ensure_ascii=False, indent=1)
     shutil.rmtree(path, ignore_errors=True)
@@ -1214,7 +1217,8 @@ def normalise_pose(frames, keypoints):
 def option(default, help, **limits):
     """A configuration field that is also a command-line option (run.py builds its parser from these): its
     help, and `choices`, or for a number its range (low, high, open_low: low itself excluded); for run.py's
-    modes also `positional`, `metavar`, `nargs` or `parse` (a function from the text to the value)."""
+    modes also `positional`, `metavar`, `nargs` (with `const`, the value of the flag given alone) or `parse`
+    (a function from the text to the value)."""
     return field(default=default, metadata=dict(help=help, **limits))
 
 

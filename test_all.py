@@ -147,8 +147,9 @@ def test_synthetic_gsl_layout_and_ground_truth(tiny_gsl):
 
 def test_synthetic_gsl_is_deterministic_and_not_word_for_word(tmp_path):
     a = sa.generate_synthetic_gsl(str(tmp_path / "a"), n_sentences=40, n_signers=2, seed=5)
-    b = sa.generate_synthetic_gsl(str(tmp_path / "b"), n_sentences=40, n_signers=2, seed=5)
-    assert open(os.path.join(a, "annotations.csv"), "rb").read() == open(os.path.join(b, "annotations.csv"), "rb").read()
+    b = sa.generate_synthetic_gsl(str(tmp_path / "b"), n_sentences=40, n_signers=2, seed=5, workers=2)
+    for name in ("annotations.csv", "alignments.csv"):                     # one process or two: the same data
+        assert open(os.path.join(a, name), "rb").read() == open(os.path.join(b, name), "rb").read()
     for f in os.listdir(os.path.join(a, "poses")):
         np.testing.assert_array_equal(np.load(os.path.join(a, "poses", f)), np.load(os.path.join(b, "poses", f)))
     rows = list(csv.DictReader(open(os.path.join(a, "annotations.csv"), encoding="utf-8")))
@@ -315,6 +316,30 @@ def check_config_refuses(cli, mode, option, text):
     made = config(**required, **given)
     with pytest.raises(sa.DataError, match=option):
         cli.check(made)
+
+
+def test_bench_lengths_recipes_and_their_curve(tmp_path, capsys):
+    """--lengths alone is the five default lengths, or takes its own list; a bad list is refused from the shell
+    and from Python; bench --recipes places each epoch at the seconds since its command started."""
+    import run as cli
+    parsed = lambda *a: cli.configuration(cli.parser().parse_args(["bench", *a]))
+    assert parsed().lengths == () and parsed("--lengths").lengths == (50, 100, 200, 400, 600)
+    assert parsed("--lengths", "30,60").lengths == (30, 60) and parsed("--recipes").recipes
+    for bad in ("0,5", "a", "²"):
+        with pytest.raises(SystemExit):
+            cli.main(["bench", "--lengths", bad])
+        assert "argument --lengths:" in err_line(capsys)
+    for bad in ([0], "x", 5):
+        with pytest.raises(sa.DataError, match="--lengths"):
+            cli.check(cli.BenchConfig(lengths=bad))
+    cli.check(cli.BenchConfig(lengths=[20, 40]))
+    os.makedirs(tmp_path / "p")
+    with open(tmp_path / "p" / "metrics.jsonl", "w") as f:
+        f.write("".join(json.dumps(dict(epoch=e, seconds=t, bleu4=b)) + "\n" for e, t, b in ((1, 2.0, 10.0), (2, 3.0, 50.0))))
+    with open(tmp_path / "p" / "results.json", "w") as f:
+        json.dump(dict(val=dict(seconds=1.5), test=dict(seconds=0.5, bleu4=60.0, wer=9.0)), f)
+    curve = cli.recipe_curve(str(tmp_path / "p"), 10.0)     # 10 s in all: 2 s of final evaluation, 5 of epochs
+    assert curve["epochs"] == [(1, 5.0, 10.0), (2, 8.0, 50.0)] and curve["test_bleu4"] == 60.0
 
 
 def err_line(capsys):
@@ -1161,8 +1186,8 @@ def test_kill_9_then_resume_reaches_the_same_result(tiny_gsl, tmp_path):
     """A run killed with -9 between epochs and resumed (in this process) reaches what an uninterrupted run
     reaches, epoch by epoch."""
     import run as cli
-    args = ["train", "--data", tiny_gsl, "--epochs", "3", "--seed", "3"] + TINY_MODEL
-    call(cli.train, cli.TrainConfig(data=tiny_gsl, out="full", overrides=tiny(epochs=3, seed=3)), tmp_path)
+    args = ["train", "--data", tiny_gsl, "--epochs", "3", "--seed", "3", "--dropout", "0.1"] + TINY_MODEL
+    call(cli.train, cli.TrainConfig(data=tiny_gsl, out="full", overrides=tiny(epochs=3, seed=3, dropout=0.1)), tmp_path)
     proc = subprocess.Popen(RUN + args + ["--out", "cut"], cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -1715,7 +1740,7 @@ def test_bench_reports_the_same_numbers(tiny_run):
     import run as cli
     cwd, _ = tiny_run
     _, printed = call(cli.bench, cli.BenchConfig(run="r", limit=3, methods="saliency,generic,lrp,attention"), cwd)
-    rows = {line.split()[0]: line.split() for line in printed.splitlines()[2:]}
+    rows = {line.split()[0]: line.split() for line in printed.splitlines()[2:] if not line.startswith("bench")}
     assert set(rows) == {"saliency", "generic", "lrp", "attention"}
     for method in ("saliency", "generic", "lrp"):
         assert float(rows[method][-1]) <= 1e-5 and rows[method][-2].endswith("x")
@@ -1723,7 +1748,8 @@ def test_bench_reports_the_same_numbers(tiny_run):
         call(cli.bench, cli.BenchConfig(run="r", methods="gradcam,nope"), cwd)
     result = run(["bench", "r", "--perturb", "--limit", "3", "--methods", "generic,random"], str(cwd))   # as a user
     assert result.returncode == 0, result.stderr
-    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[2:]}
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[2:]
+            if not line.startswith("bench")}
     assert set(rows) == {"generic", "random"} and all(r[-2] == "0" and r[-3].endswith("x") for r in rows.values())
 
 
@@ -1889,7 +1915,9 @@ def test_plot_as_a_user(tiny_run):
     assert result.returncode == 0, result.stderr
     for name in cli.SAMPLE_FIGURES:
         assert drawn(cwd / "r" / f"sample1_{name}.png") and f"sample1_{name}.png" in result.stdout
-    assert (cwd / "r" / "sample1_animation.gif").read_bytes()[:3] == b"GIF"
+    from PIL import Image
+    with Image.open(cwd / "r" / "sample1_animation.gif") as gif:                # one frame per model frame
+        assert gif.format == "GIF" and gif.n_frames > 10 and gif.size[0] > 1000
     _, printed = call(cli.plot, cli.PlotConfig(run="r", all=True, figure_type="svg"), cwd)
     for name in cli.GLOBAL_FIGURES:
         assert (cwd / "r" / f"all_all_{name}.svg").read_text().count("<path") > 10
@@ -2166,7 +2194,8 @@ def test_torchrun_trains_once_with_two_processes_and_resumes(tiny_gsl, tmp_path)
     """Two processes: the loss falls, one process prints and writes (one set of files, the world size in
     config.json), the printed test metrics are a one-process evaluation's of the same checkpoint, and the
     run resumes under torchrun from its last checkpoint."""
-    result = torchrun(["train", "--data", tiny_gsl, "--epochs", "3", "--out", "d"] + TINY_MODEL, tmp_path)
+    result = torchrun(["train", "--data", tiny_gsl, "--epochs", "3", "--out", "d", "--dropout", "0.1"] + TINY_MODEL,
+                      tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [line.split()[1] for line in result.stdout.splitlines() if line.startswith("epoch")] == ["1/3", "2/3", "3/3"]
     assert "2 processes" in result.stdout and result.stdout.count("sacrebleu:") == 1
