@@ -710,11 +710,9 @@ def train(cfg):
         f"({', '.join(f'{s} {len(r)}' for s, r in records.items())}) read in {time.time() - start:.1f}s, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}"
         + (f", {WORLD.size} processes" if WORLD.size > 1 else ""))
-    fit(run_dir, config, model, optimizer, datasets, (gloss_vocab, text_vocab), history, device)
+    fit(run_dir, config, recipe, model, optimizer, datasets, (gloss_vocab, text_vocab), history, device)
     WORLD.wait()                                         # best.pt is written
-    evaluated = {r.id for split in ("val", "test") for r in records[split]}       # what report measures SDR on
-    report(run_dir, datasets, recipe, device,
-           sdr_segments({i: rows for i, rows in alignments.items() if i in evaluated}, recipe))
+    report(run_dir, datasets, recipe, device, alignments)
     log(f"done in {format_time(time.time() - start)}; run folder {run_dir}")
 
 
@@ -763,10 +761,9 @@ def new_run_dir(config):
     return path + ("" if suffix == 1 else f"-{suffix}")
 
 
-def fit(run_dir, config, model, optimizer, datasets, vocabularies, history, device):
+def fit(run_dir, config, recipe, model, optimizer, datasets, vocabularies, history, device):
     """The epochs after the history's last: train one, validate (greedy), checkpoint (best.pt when the recipe's
     metric improved, last.pt always), print; until the last epoch or early stopping. Appends to `history`."""
-    recipe = Recipe(**config["train"])
     objective = objective_for(model, recipe, device)
     steps_per_epoch = len(datasets["train"].batches(recipe.batch_size))
     best = best_of(recipe.select, (h[recipe.select] for h in history))
@@ -980,8 +977,11 @@ def sdr_features(memory, gloss_logits, length, record, dataset, alignments):
 
 
 def report(run_dir, datasets, recipe, device, alignments, splits=("val", "test")):
-    """Evaluate the best checkpoint, print the table, write translations.csv and results.json."""
+    """Evaluate the best checkpoint, print the table, write translations.csv and results.json. SDR is measured on
+    the segments of `alignments` (the data's, read once) that belong to these splits' samples (see sdr_segments)."""
     model, _, _ = sa.load_model(run_dir, device)
+    evaluated = {r.id for split in splits for r in datasets[split].records}
+    alignments = sdr_segments({i: rows for i, rows in alignments.items() if i in evaluated}, recipe)
     results = {}
     for split in splits:
         start = time.time()

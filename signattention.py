@@ -427,8 +427,8 @@ def generate_synthetic_gsl(path, n_sentences=300, n_signers=7, reps=1, seed=0, w
     tmp = f"{path}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.join(tmp, "poses"))
-    jobs = [(signer, {n_signers - 1: "test", n_signers - 2: "val"}.get(signer["id"], "train"), reps, sentences,
-             lexicon, tmp, seed) for signer in signers]
+    split_of = {n_signers - 1: "test", n_signers - 2: "val"}
+    jobs = [(signer, split_of.get(signer["id"], "train"), reps, sentences, lexicon, tmp, seed) for signer in signers]
     workers = min(workers, n_signers)
     if workers > 1:
         import multiprocessing

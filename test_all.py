@@ -91,7 +91,7 @@ def call(mode, config, cwd):
     printed, previous = io.StringIO(), os.getcwd()
     os.chdir(cwd)
     try:
-        with contextlib.redirect_stdout(printed):
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
             value = mode(config)
     finally:
         os.chdir(previous)
@@ -105,17 +105,8 @@ def tiny(**overrides):
 
 def run_here(args, cwd):
     """run.py's main in this process (no new interpreter to start), in cwd: (exit code, what it printed)."""
-    import contextlib
-    import io
     import run as cli
-    printed, previous = io.StringIO(), os.getcwd()
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
-            code = cli.main([str(a) for a in args])
-    finally:
-        os.chdir(previous)
-    return code, printed.getvalue()
+    return call(cli.main, [str(a) for a in args], cwd)
 
 
 # ----------------------------------------------------------------------------------------------------
