@@ -540,10 +540,11 @@ def test_poses_resumes_after_kill_9(converted, tmp_path):
     cwd, src, _, _ = converted
     args = RUN + ["poses", str(src), "--annotations", str(cwd / "annotations.csv"), "--out", "out", "--workers", "2"]
     process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    poses, deadline = tmp_path / "out" / "poses", time.time() + 120
+    poses, deadline, children = tmp_path / "out" / "poses", time.time() + 120, []
     while time.time() < deadline and not (poses.exists() and any(f.endswith(".npy") for f in os.listdir(poses))):
-        time.sleep(0.05)
-    children = [p for p in map(int, filter(str.isdigit, os.listdir("/proc"))) if parent_of(p) == process.pid]
+        children = [p for p in map(int, filter(str.isdigit, os.listdir("/proc")))   # known before the kill:
+                    if parent_of(p) == process.pid] or children                     # it comes right after a file
+        time.sleep(0.02)
     process.kill()
     process.wait()
     deadline = time.time() + 20
