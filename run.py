@@ -1378,9 +1378,10 @@ def bench_lengths(model, dataset, methods, device, lengths=(50, 100, 200, 400, 6
         + "  ".join(f"{f'MB T={T}':>9}" for T in lengths) + "  mem^  x floor")
     for m, (times, memory) in rows.items():
         known = all(v is not None for v in memory)
-        log(f"{m:>24}  " + "  ".join(f"{t:11.5f}" for t in times) + f"  {fit(times, 1e-6):5.2f}  "
+        exponent = lambda x, width: f"{x:{width}.2f}" if np.isfinite(x) else f"{'-':>{width}}"   # - : too few values
+        log(f"{m:>24}  " + "  ".join(f"{t:11.5f}" for t in times) + f"  {exponent(fit(times, 1e-6), 5)}  "
             + "  ".join(f"{v:9.1f}" if v is not None else f"{'-':>9}" for v in memory)
-            + (f"  {fit(memory, 1.0):4.2f}" if known else f"  {'-':>4}")
+            + f"  {exponent(fit(memory, 1.0) if known else float('nan'), 4)}"
             + f"  {times[-1] / rows['floor'][0][-1]:7.1f}")
 
 
