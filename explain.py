@@ -22,6 +22,7 @@ faithful (token_perturbation, sentence_perturbation, auc, bootstrap), the table 
 """
 import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -1069,3 +1070,301 @@ def mean_curves(curves, stats):
     for m, s in stats.items():
         means[m]["bleu4"] = bleu_from_statistics(s.sum(0).numpy())
     return means
+
+
+# ----------------------------------------------------------------------------------------------------
+# Claims of the four papers: each a measure with a 95% interval and a rule fixed before any number is seen
+# ----------------------------------------------------------------------------------------------------
+
+def lag_correlation(row):
+    """Pearson correlation of a row's neighbours, a[tau] with a[tau + 1] (T,): near 1 when the weight lies on
+    runs of consecutive frames, near -1/(T - 1) when the same weights are scattered at random. NaN for fewer
+    than 3 frames or a row without variation."""
+    a = row.double()
+    if len(a) < 3:
+        return float("nan")
+    x, y = a[:-1] - a[:-1].mean(), a[1:] - a[1:].mean()
+    denominator = float(x.norm() * y.norm())
+    return float(x @ y) / denominator if denominator > 1e-300 else float("nan")
+
+
+def contiguity(cross, permutations=20, seed=0):
+    """SignAttention's 'each gloss attends to a cluster of consecutive frames' on one sample: for each token
+    row of cross-attention (n, T), lag_correlation(row) minus its mean over `permutations` random orders of
+    that row's frames (the same weights, scattered), averaged over the rows where it is defined. Positive
+    when attention sits on consecutive frames; about 0 for scattered single frames, a flat row or a row
+    whose weights are already in a random order. NaN where no row is defined."""
+    g = torch.Generator().manual_seed(seed)
+    excess = []
+    for row in cross:
+        observed = lag_correlation(row)
+        if math.isnan(observed):
+            continue
+        shuffled = [lag_correlation(row[torch.randperm(len(row), generator=g)]) for _ in range(permutations)]
+        excess.append(observed - float(np.nanmean(shuffled)))
+    return float(np.mean(excess)) if excess else float("nan")
+
+
+def reliance_trend(branch_norms):
+    """SignAttention's 'the decoder relies on the video first and on its previous tokens later' on one sample:
+    the Spearman correlation between the decoding step and the difference |cross-attention output| -
+    |self-attention output| (averaged over decoder layers). Negative when the video's share falls as the
+    sentence goes on. NaN for fewer than 3 steps or a constant difference."""
+    difference = (branch_norms["video"].double() - branch_norms["tokens"].double()).mean(0)
+    if len(difference) < 3:
+        return float("nan")
+    return spearman(torch.arange(len(difference), dtype=torch.float64), difference)
+
+
+def weighted_mean(values):
+    """Bootstrap statistic: the mean of per-sample values under resampling weights (R, count)."""
+    values = torch.as_tensor(values, dtype=torch.float64)
+    return lambda w: w @ values / w.sum(-1)
+
+
+def weighted_slope(x, y):
+    """Bootstrap statistic: the least-squares slope of y on x under resampling weights (R, count); NaN where a
+    resample holds one value of x only."""
+    x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
+
+    def statistic(w):
+        total = w.sum(-1, keepdim=True)
+        mx, my = (w * x).sum(-1, keepdim=True) / total, (w * y).sum(-1, keepdim=True) / total
+        var = (w * (x - mx) ** 2).sum(-1)
+        return torch.where(var > 0, (w * (x - mx) * (y - my)).sum(-1) / var.clamp(min=1e-300), float("nan"))
+    return statistic
+
+
+def weighted_correlation(x, y):
+    """Bootstrap statistic: Pearson's correlation of x and y under resampling weights (R, count)."""
+    x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
+
+    def statistic(w):
+        total = w.sum(-1, keepdim=True)
+        dx, dy = x - (w * x).sum(-1, keepdim=True) / total, y - (w * y).sum(-1, keepdim=True) / total
+        denominator = ((w * dx ** 2).sum(-1) * (w * dy ** 2).sum(-1)).sqrt()
+        return torch.where(denominator > 0, (w * dx * dy).sum(-1) / denominator.clamp(min=1e-300), float("nan"))
+    return statistic
+
+
+def seed_bootstrap(per_seed, resamples=1000, level=0.95, seed=0):
+    """A two-stage percentile bootstrap for a measure of trained models: per_seed is a list of (count,
+    statistic) pairs, one per trained model, where statistic(weights (R, count)) gives the measure on
+    resampled samples as `bootstrap` takes it. Each resample draws the models with replacement and, for each
+    drawn model, one of its sample resamples; the measure is the mean over the drawn models. The estimate is
+    the mean of the models' measures on their whole data, and the interval contains it by construction
+    (see `bootstrap`). With one model this is `bootstrap` over its samples. (nan, nan, nan) without data."""
+    per_seed = [(count, statistic) for count, statistic in per_seed if count > 0]
+    if not per_seed:
+        return float("nan"), float("nan"), float("nan")
+    g = torch.Generator().manual_seed(seed)
+    values = []                                                              # (S, R + 1) per model
+    for count, statistic in per_seed:
+        drawn = torch.randint(count, (resamples, count), generator=g)
+        weights = torch.zeros(resamples, count, dtype=torch.float64).scatter_add_(
+            1, drawn, torch.ones(resamples, count, dtype=torch.float64))
+        weights = torch.cat([torch.ones(1, count, dtype=torch.float64), weights])
+        values.append(torch.as_tensor(statistic(weights), dtype=torch.float64))
+    values = torch.stack(values)
+    S = len(values)
+    estimate = float(values[:, 0].mean())
+    if S == 1:
+        resampled = values[0, 1:]
+    else:
+        models = torch.randint(S, (resamples, S), generator=g)
+        columns = torch.randint(1, resamples + 1, (resamples, S), generator=g)
+        resampled = values[models, columns].mean(-1)
+    resampled = resampled[torch.isfinite(resampled)]
+    if not math.isfinite(estimate) or not len(resampled):
+        return estimate, float("nan"), float("nan")
+    tail = (1 - level) / 2
+    low, high = float(resampled.quantile(tail)), float(resampled.quantile(1 - tail))
+    return estimate, min(low, estimate), max(high, estimate)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What 'holds' means for a claim, in numbers, fixed before the measure is taken: the claim is that the
+    measure is above (side '>') or below (side '<') the threshold. It holds when the whole 95% interval lies
+    on the claimed side, fails when the whole interval lies on the other side (the threshold included: the
+    interval then excludes the claim), and is inconclusive otherwise, or when the measure is undefined."""
+    side: str
+    threshold: float
+
+    def verdict(self, low, high):
+        if not (math.isfinite(low) and math.isfinite(high)):
+            return "inconclusive"
+        if self.side == ">":
+            return "holds" if low > self.threshold else "fails" if high <= self.threshold else "inconclusive"
+        return "holds" if high < self.threshold else "fails" if low >= self.threshold else "inconclusive"
+
+    def text(self, unit=""):
+        other = "<=" if self.side == ">" else ">="
+        return (f"holds if the 95% interval lies {self.side} {self.threshold:g}{unit}; fails if it lies {other} "
+                f"{self.threshold:g}{unit}; inconclusive otherwise")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claim of a paper: which paper and which of its figures or tables, the claim in one line, the
+    measure (a function of the claims' inputs giving (count, statistic) per trained model, see
+    seed_bootstrap), its rule, the runs it needs and the paper's own figure where the paper gives one."""
+    key: str
+    paper: str
+    source: str
+    claim: str
+    measure: str
+    unit: str
+    rule: Rule
+    runs: str                      # "gloss": SignAttention's gloss models; "text": default models; "signcl": pairs
+    compute: object
+    paper_value: str | None = None
+
+
+def _correct(data):
+    """The samples of an extraction decoded exactly (the SignAttention paper's analyses keep these)."""
+    target = data["meta"]["target"]
+    return [s for s in data["samples"] if s["prediction"] == s[f"{target}_reference"]]
+
+
+def _words(s):
+    return len(s["tokens"]) - (s["tokens"][-1] == EOS)
+
+
+def _per_sample(inputs, value):
+    """(count, weighted mean) per model of a per-sample value over the correctly decoded samples where it is
+    defined."""
+    out = []
+    for data in inputs["gloss"]:
+        values = [v for v in (value(s) for s in _correct(data)) if math.isfinite(v)]
+        out.append((len(values), weighted_mean(values)))
+    return out
+
+
+def _last_cross(s):
+    cross = s["attention"]["decoder_cross"][-1].float().mean(0)             # (n, T): last layer, mean over heads
+    return cross[:_words(s)]
+
+
+def _diagonality(s):
+    return diagonality(_last_cross(s)) if _words(s) >= 2 else float("nan")
+
+
+def _length_trend(inputs):
+    out = []
+    for data in inputs["gloss"]:
+        pairs = [(_words(s), _diagonality(s)) for s in _correct(data)]
+        pairs = [(n, d) for n, d in pairs if math.isfinite(d)]
+        out.append((len(pairs), weighted_slope(*zip(*pairs)) if pairs else None))
+    return out
+
+
+def _advantage(better, worse, tests=("positive", "negative")):
+    """Per model: the smaller over `tests` of better's AUC advantage over worse (positive test: worse - better,
+    lower is better there; negative test: better - worse), averaged over the test samples."""
+    def per_model(auc_of):
+        a, b = auc_of[better].double(), auc_of[worse].double()               # (B, 2): positive, negative
+        gains = [b[:, 0] - a[:, 0] if t == "positive" else a[:, 1] - b[:, 1] for t in tests]
+        return lambda w: torch.stack([weighted_mean(g)(w) for g in gains]).amin(0)
+    return lambda inputs: [(len(auc_of[better]), per_model(auc_of)) for auc_of in inputs["text"]]
+
+
+def _worst_advantage(better, baselines, tests):
+    """Per model: the smallest of better's advantages over each of the baselines on `tests`."""
+    def compute(inputs):
+        parts = [_advantage(better, b, tests)(inputs) for b in baselines]
+        return [(count, (lambda fs: lambda w: torch.stack([f(w) for f in fs]).amin(0))([p[k][1] for p in parts]))
+                for k, (count, _) in enumerate(parts[0])]
+    return compute
+
+
+def _signcl_bleu(inputs):
+    """Per seed: corpus BLEU-4 of the SignCL model minus its lambda = 0 twin, on the same resampled sentences."""
+    def per_seed(pair):
+        with_cl, without = (torch.as_tensor(pair[k]["bleu_statistics"], dtype=torch.float64) for k in ("signcl", "base"))
+        bleu = lambda stats, w: torch.as_tensor(bleu_from_statistics((w @ stats).numpy()))
+        return lambda w: bleu(with_cl, w) - bleu(without, w)
+    return [(len(pair["base"]["bleu_statistics"]), per_seed(pair)) for pair in inputs["signcl"]]
+
+
+def _signcl_sdr(inputs):
+    """Per seed: SDR of the SignCL model minus its twin's (one number per pair: the interval is over seeds)."""
+    return [(1, (lambda d: lambda w: torch.full((len(w),), d, dtype=torch.float64))(pair["signcl"]["sdr"] - pair["base"]["sdr"]))
+            for pair in inputs["signcl"]]
+
+
+def _density_bleu(inputs):
+    """Over every trained model of the SignCL pairs: Pearson's correlation of test SDR and test BLEU-4, the
+    models resampled."""
+    models = [pair[k] for pair in inputs["signcl"] for k in ("base", "signcl")]
+    return [(len(models), weighted_correlation([m["sdr"] for m in models], [m["bleu4"] for m in models]))]
+
+
+CHEFER_BASELINES = ("attention", "rollout", "gradcam", "lrp", "partial_lrp")
+SPECTRAL_BASELINES = ("attention", "gradcam", "rollout")
+CLAIM_METHODS = tuple(dict.fromkeys(CHEFER_BASELINES + ("transformer_attribution", "generic", "dsmi", "dsmi_grad",
+                                                        "dsmi_grad_attn", "random")))
+
+SIGNATTENTION = "SignAttention (Dal Bianco, Stanchi et al., 2024)"
+SIGNCL = "SignCL (Ye et al., NeurIPS 2024)"
+CHEFER = "Chefer, Gur, Wolf (CVPR 2021; ICCV 2021)"
+SPECTRAL = "Spectral attribution (DSMI)"
+AUC_POINTS = " AUC points"
+
+CLAIMS = (
+    Claim("diagonal", SIGNATTENTION, "the cross-attention maps of correctly translated samples",
+          "cross-attention aligns diagonally with the video",
+          "Spearman correlation of token position and cross-attention centroid (last decoder layer, mean over "
+          "heads), mean over correctly decoded test samples of 2+ glosses", "", Rule(">", 0.5), "gloss",
+          lambda inputs: _per_sample(inputs, _diagonality)),
+    Claim("diagonal_weakens", SIGNATTENTION, "cross-attention by sentence length",
+          "the diagonal alignment weakens as sentences get longer",
+          "least-squares slope of a sample's diagonality on its gloss count (correct test samples)", " per gloss",
+          Rule("<", 0.0), "gloss", _length_trend),
+    Claim("contiguous", SIGNATTENTION, "per-gloss cross-attention rows",
+          "each gloss attends to a cluster of consecutive frames, not scattered single frames",
+          "lag-1 autocorrelation of each gloss's cross-attention row minus that of the same row with its frames "
+          "permuted, mean over correct test samples", "", Rule(">", 0.0), "gloss",
+          lambda inputs: _per_sample(inputs, lambda s: contiguity(_last_cross(s)))),
+    Claim("video_then_tokens", SIGNATTENTION, "the video / previous-token reliance figure",
+          "the decoder relies on the video first and on its previous tokens later",
+          "Spearman correlation of decoding step and ‖cross-attention output‖ - ‖self-attention output‖ (mean "
+          "over layers), mean over correct test samples of 3+ steps", "", Rule("<", 0.0), "gloss",
+          lambda inputs: _per_sample(inputs, lambda s: reliance_trend(s["branch_norms"]))),
+    Claim("signcl_sdr", SIGNCL, "Eqs. 1-3 and its density analysis", "SignCL lowers representation density (SDR)",
+          "test SDR with SignCL (lambda 0.01) minus without, gloss-free training, paired by seed", " SDR points",
+          Rule("<", 0.0), "signcl", _signcl_sdr),
+    Claim("signcl_bleu", SIGNCL, "its gloss-free results (abstract: BLEU +39% and +46% on CSL-Daily)",
+          "SignCL improves translation in gloss-free training",
+          "test BLEU-4 with SignCL (lambda 0.01) minus without, CTC weight 0, paired by seed and sentence", " BLEU",
+          Rule(">", 0.0), "signcl", _signcl_bleu, paper_value="+39% (SLT), +46% (GFSLT-VLP) BLEU-4, CSL-Daily"),
+    Claim("density_bleu", SIGNCL, "its density-performance analysis",
+          "representation density and translation quality are negatively related",
+          "Pearson correlation of test SDR and test BLEU-4 across the trained gloss-free models", "",
+          Rule("<", 0.0), "signcl", _density_bleu),
+    *(Claim(f"ta_beats_{b}", CHEFER, "CVPR'21 perturbation tests (positive and negative)",
+            f"transformer attribution beats {b} on both perturbation tests",
+            f"the smaller of transformer attribution's two AUC advantages over {b} (positive: {b} - TA; negative: "
+            "TA - " + b + "), token level, mean over test samples", AUC_POINTS, Rule(">", 0.0), "text",
+            _advantage("transformer_attribution", b)) for b in CHEFER_BASELINES),
+    Claim("generic_vs_ta", CHEFER, "ICCV'21 perturbation tests against the CVPR'21 method",
+          "generic relevance is at least as good as transformer attribution",
+          "the smaller of generic's two AUC advantages over transformer attribution (non-inferiority margin "
+          "1 AUC point)", AUC_POINTS, Rule(">", -1.0), "text", _advantage("generic", "transformer_attribution")),
+    *(Claim(f"{m}_beats_baselines", SPECTRAL, "the LXMERT positive perturbation table",
+            f"{m} beats raw attention, Grad-CAM and rollout on the positive test",
+            f"the smallest of {m}'s positive-test AUC advantages over attention, gradcam and rollout", AUC_POINTS,
+            Rule(">", 0.0), "text", _worst_advantage(m, SPECTRAL_BASELINES, ("positive",)))
+      for m in ("dsmi_grad", "dsmi_grad_attn")),
+    Claim("dsmi_below_grad", SPECTRAL, "the LXMERT positive perturbation table",
+          "class-agnostic DSMI is worse than DSMI+Grad",
+          "DSMI+Grad's positive-test AUC advantage over DSMI", AUC_POINTS, Rule(">", 0.0), "text",
+          _advantage("dsmi_grad", "dsmi", ("positive",))),
+)
+
+
+def measure_claim(claim, inputs, resamples=1000, seed=0):
+    """(value, low, high, verdict) of a claim on its inputs (see Claim)."""
+    per_seed = [(count, statistic) for count, statistic in claim.compute(inputs) if statistic is not None]
+    value, low, high = seed_bootstrap(per_seed, resamples, seed=seed)
+    return value, low, high, claim.rule.verdict(low, high)

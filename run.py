@@ -254,6 +254,21 @@ class PerturbConfig(RunConfig):
     figure_type: str = option("png", "figure file type", choices=("png", "pdf", "svg"))
 
 
+@dataclass
+class ClaimsConfig:
+    """python run.py claims: every claim of the four papers measured on trained models, with 95% intervals and
+    a verdict by a rule fixed in explain.CLAIMS: CLAIMS_DIR/claims.md and claims.json."""
+    data: str = option(SYNTHETIC, f"dataset folder (default {SYNTHETIC}, generated if missing)")
+    seeds: int = option(3, "trained models per configuration (seeds 0..N-1)", low=1)
+    out: str | None = option(None, "folder of the claims' runs and tables (default runs/claims-<data folder name>)")
+    only: str | None = option(None, "comma-separated claim keys (see claims.json): measure these, training only "
+                              "what they need")
+    limit: int | None = option(None, "first K test samples of each extraction and perturbation only", low=1)
+    bootstrap: int = option(1000, "bootstrap resamples of the 95% intervals", low=10, high=100000)
+    device: str = option("auto", "where to compute", choices=DEVICES)
+    overrides: dict = field(default_factory=dict)          # from Python: train options of every run (tests)
+
+
 def value_kind(f):
     """The Python type of a configuration field's values: int for `int | None`, and so on."""
     if typing.get_origin(f.type) in (typing.Union, types.UnionType):             # X | None, Optional[X]
@@ -1710,7 +1725,8 @@ SAMPLE_FIGURES = dict(skeleton=figure_skeleton, cross_attention=figure_cross_att
 
 def draw_skeleton(ax, frame, alpha=1.0):
     """One frame of MediaPipe keypoints (543, 2): body lines, hands, and the face as a faint cloud. Returns a
-    function that moves every drawn line and point to another frame (an animation's next one)."""
+    function that moves every drawn line and point to another frame (an animation's next one); its `artists`
+    are what it moves."""
     face = ax.scatter(frame[sa.FACE, 0], frame[sa.FACE, 1], s=0.3, color="0.7", alpha=alpha)
     lines = [((a, b), ax.plot(frame[[a, b], 0], frame[[a, b], 1], color="0.2", linewidth=1.2, alpha=alpha)[0])
              for a, b in sa.BODY_EDGES]
@@ -1722,13 +1738,15 @@ def draw_skeleton(ax, frame, alpha=1.0):
         face.set_offsets(other[sa.FACE, :2])
         for (a, b), line in lines:
             line.set_data(other[[a, b], 0], other[[a, b], 1])
+    move.artists = [face] + [line for _, line in lines]
     return move
 
 
 def animate_sample(plt, s, pose, cross, k, path):
     """A GIF (written atomically, 10 frames/s): the skeleton at each model frame, and one bar per
     predicted token with its cross-attention (last layer, mean over heads) at that frame. The figure is laid
-    out once; each frame moves its lines and bars and is drawn once."""
+    out and drawn once without what moves (the skeleton, the bars, the frame number); each frame then draws
+    only those onto a copy of that background."""
     from PIL import Image
     tokens, T = s["tokens"], s["frames"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4.2), gridspec_kw=dict(width_ratios=[1, 1.3]),
@@ -1748,15 +1766,22 @@ def animate_sample(plt, s, pose, cross, k, path):
     right.set_xlim(0, float(cross.max()))
     right.set_xlabel("cross-attention to this frame (last layer)")
     right.set_title(s["id"], fontsize=9)
-    fig.canvas.draw()
+    fig.canvas.draw()                                   # laid out with everything in place
     fig.set_layout_engine("none")
+    moving = move.artists + list(bars) + [title]
+    for artist in moving:
+        artist.set_animated(True)
+    fig.canvas.draw()
+    background = fig.canvas.copy_from_bbox(fig.bbox)
     pictures = []
     for t in range(T):
         move(pose[min(t * k, len(pose) - 1)])
         title.set_text(f"frame {t * k}")
         for bar, width in zip(bars, cross[:, t].tolist()):
             bar.set_width(width)
-        fig.canvas.draw()
+        fig.canvas.restore_region(background)
+        for artist in moving:
+            artist.axes.draw_artist(artist)
         pictures.append(Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()))
     plt.close(fig)
     # one palette for every frame, from eight of them side by side (a hand missing at the start still has its
@@ -2066,28 +2091,13 @@ def perturb(cfg):
     methods = method_list(cfg.methods)
     methods += [] if "random" in methods else ["random"]
     run = open_run(cfg)
-    data = perturb_samples(cfg, run, methods)
+    data, B, curves, stats = perturbation_tests(cfg, run, methods)
     samples = data["samples"]
-    B = len(samples)
-    batch = to_device(run.dataset.batch(list(range(B))), run.device)
-    src, mask = batch["src"], batch["src_mask"]
-    keep = perturbable(run.dir, cfg.split, samples, mask, methods)
-    skipped = B - len(keep)
-    if skipped:
-        samples, src, mask = [samples[b] for b in keep], src[keep], mask[keep]
-        data = dict(data, samples=samples)
-    alignments, links = segment_sources(run.data_path, run.dataset.cfg.format, run.dataset.cfg.target, run.alignments)
-    plausibility = explain.plausibility(data, alignments, links, methods)
-    out = explain.token_ids(samples, run.dataset.target_vocab, run.device)
-    log(f"{run.dir}: {len(samples)} {cfg.split} samples, {len(methods)} methods, {cfg.level} level, frames removed by "
-        f"{removal(cfg)}, fractions 0..0.9" + (f", methods shared among {WORLD.size} processes" if WORLD.size > 1 else ""))
-    curves, stats = {}, {}                  # under torchrun each process tests every size-th method, as one would
-    for part in WORLD.gather(perturb_methods(cfg, run, samples, WORLD.mine(methods), src, mask, out)):
-        curves.update(part[0])
-        stats.update(part[1])
-    curves, stats = {m: curves[m] for m in methods}, {m: stats[m] for m in methods if m in stats}
+    skipped = B - len(samples)
     if not WORLD.main:
         return
+    alignments, links = segment_sources(run.data_path, run.dataset.cfg.format, run.dataset.cfg.target, run.alignments)
+    plausibility = explain.plausibility(data, alignments, links, methods)
     rows = explain.perturb_table(curves, stats, plausibility, cfg.bootstrap, cfg.seed)
     stem = os.path.join(run.dir, f"perturb_{cfg.split}_{cfg.level}" + ("_zero" if cfg.perturb_mode == "zero" else "")
                         + (f"_first{B}" if B < len(run.dataset) else "")
@@ -2103,6 +2113,30 @@ def perturb(cfg):
     for path in written:
         log(path)
     log(f"perturbation tests of {len(methods)} methods on {len(samples)} samples in {format_time(time.time() - start)}")
+
+
+def perturbation_tests(cfg, run, methods):
+    """The perturbation tests at cfg.level of the run's split (its first cfg.limit samples): (the extraction of
+    the samples tested, the number of samples before those of one frame were skipped, {method: (B, 2, P)
+    scores, the mean over tokens}, {method: BLEU statistics} at sentence level). Under torchrun each process
+    tests every size-th method and every process gets them all."""
+    data = perturb_samples(cfg, run, methods)
+    samples = data["samples"]
+    B = len(samples)
+    batch = to_device(run.dataset.batch(list(range(B))), run.device)
+    src, mask = batch["src"], batch["src_mask"]
+    keep = perturbable(run.dir, cfg.split, samples, mask, methods)
+    if len(keep) < B:
+        samples, src, mask = [samples[b] for b in keep], src[keep], mask[keep]
+        data = dict(data, samples=samples)
+    out = explain.token_ids(samples, run.dataset.target_vocab, run.device)
+    log(f"{run.dir}: {len(samples)} {cfg.split} samples, {len(methods)} methods, {cfg.level} level, frames removed by "
+        f"{removal(cfg)}, fractions 0..0.9" + (f", methods shared among {WORLD.size} processes" if WORLD.size > 1 else ""))
+    curves, stats = {}, {}
+    for part in WORLD.gather(perturb_methods(cfg, run, samples, WORLD.mine(methods), src, mask, out)):
+        curves.update(part[0])
+        stats.update(part[1])
+    return data, B, {m: curves[m] for m in methods}, {m: stats[m] for m in methods if m in stats}
 
 
 def removal(cfg):
@@ -2321,6 +2355,192 @@ def plot_curves(stem, means, rows, cfg, count):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Claims
+# ----------------------------------------------------------------------------------------------------
+
+PRESET_EXACT = 70.0       # % exact test sentences the signattention preset needs for the SignAttention rows
+CLAIM_RUNS = dict(        # each configuration's train options, seed k added
+    gloss=dict(target="gloss"),
+    text={},
+    base=dict(ctc_weight=0.0, signcl=0.0),
+    signcl=dict(ctc_weight=0.0, signcl=0.01),
+)
+RUNS_OF = dict(gloss=("gloss",), text=("text",), signcl=("base", "signcl"))
+
+
+def claims(cfg):
+    """Train the runs the claims need (reusing finished ones, resuming interrupted ones), extract and perturb
+    them, measure each claim of explain.CLAIMS with its interval and verdict, and write claims.md and
+    claims.json. Runs: `gloss` (SignAttention's analyses on a model that writes glosses: the default recipe
+    with --target gloss, or the signattention preset's run in OUT/signattention when it decodes at least
+    PRESET_EXACT % of the test sentences exactly), `text` (the default model, for the perturbation tests),
+    and `base`/`signcl` (gloss-free training, CTC weight 0, without and with SignCL), one per seed."""
+    check(cfg)
+    selected = claim_selection(cfg.only)
+    out = cfg.out or os.path.join("runs", "claims-" + (os.path.basename(os.path.normpath(cfg.data)) or "data"))
+    os.makedirs(out, exist_ok=True)
+    ensure_data(cfg.data)
+    gloss_note, preset_dir = signattention_choice(out)
+    log(f"SignAttention rows: {gloss_note}")
+    families = sorted({kind for c in selected for kind in RUNS_OF[c.runs]})
+    if preset_dir:
+        families = [f for f in families if f != "gloss"]
+    stages = [(kind, seed) for kind in families for seed in range(cfg.seeds)]
+    start = time.time()
+    inputs = dict(gloss=[], text=[], signcl=[])
+    pairs = {}
+    for done, (kind, seed) in enumerate(stages):
+        run_dir = os.path.join(out, f"{kind}-s{seed}")
+        log(f"claims: stage {done + 1}/{len(stages)}: {run_dir}" + (
+            f"  ETA {format_time((time.time() - start) / done * (len(stages) - done))}" if done else ""))
+        train_claim_run(run_dir, cfg, dict(CLAIM_RUNS[kind], seed=seed))
+        if kind == "gloss":
+            inputs["gloss"].append(claim_extraction(run_dir, cfg, "attention"))
+        elif kind == "text":
+            inputs["text"].append(claim_aucs(run_dir, cfg))
+        else:
+            pairs.setdefault(seed, {})[kind] = claim_translations(run_dir)
+    if preset_dir:
+        inputs["gloss"].append(claim_extraction(preset_dir, cfg, "attention"))
+    inputs["signcl"] = [pairs[k] for k in sorted(pairs) if len(pairs[k]) == 2]
+    rows = [claim_row(c, inputs, cfg, gloss_note) for c in selected]
+    written = write_claims(out, rows, cfg, gloss_note)
+    log(claims_table(rows))
+    for path in written:
+        log(path)
+    log(f"{len(rows)} claims in {format_time(time.time() - start)}")
+    return rows
+
+
+def claim_selection(only):
+    """The claims of explain.CLAIMS named by --only (all without it)."""
+    if only is None:
+        return list(explain.CLAIMS)
+    keys = [k.strip() for k in only.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in {c.key for c in explain.CLAIMS}]
+    if unknown or not keys:
+        raise sa.DataError(f"--only: unknown claim(s) {', '.join(unknown) or '(none given)'}; the claims are "
+                           + ", ".join(c.key for c in explain.CLAIMS))
+    return [c for c in explain.CLAIMS if c.key in keys]
+
+
+def signattention_choice(out):
+    """(why the SignAttention rows use the model they use, the preset's run folder or None): the signattention
+    preset's run in OUT/signattention when it finished and decodes at least PRESET_EXACT % of the test
+    sentences exactly, else the default recipe with --target gloss."""
+    preset = os.path.join(out, "signattention")
+    if not os.path.exists(os.path.join(preset, "results.json")):
+        return (f"default recipe with --target gloss: no finished signattention preset run in {preset} (train one "
+                f"with `python run.py train --preset signattention --out {preset}`)"), None
+    exact = exact_share(preset)
+    if exact < PRESET_EXACT:
+        return (f"default recipe with --target gloss: the signattention preset ({preset}) decodes {exact:.1f}% of "
+                f"the test sentences exactly, under {PRESET_EXACT:g}%"), None
+    return f"signattention preset ({preset}): {exact:.1f}% exact test sentences", preset
+
+
+def exact_share(run_dir):
+    """% of test sentences a finished run decodes exactly (its target: glosses or text), from translations.csv."""
+    target = run_config(run_dir)["data"]["target"]
+    with open(os.path.join(run_dir, "translations.csv"), encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return 100.0 * sum(r[f"{target}_prediction"] == r[f"{target}_reference"] for r in rows) / max(len(rows), 1)
+
+
+def train_claim_run(run_dir, cfg, options):
+    """Train a claims run in run_dir unless it finished (results.json); resume it if it was interrupted."""
+    if os.path.exists(os.path.join(run_dir, "results.json")):
+        log(f"{run_dir}: finished, reused")
+    elif os.path.exists(os.path.join(run_dir, "last.pt")):
+        train(TrainConfig(resume=run_dir, device=cfg.device))
+    else:
+        train(TrainConfig(data=cfg.data, out=run_dir, device=cfg.device, overrides=dict(cfg.overrides, **options)))
+
+
+def claim_extraction(run_dir, cfg, methods):
+    """The run's test extraction holding `methods` (made if missing or older than the checkpoint)."""
+    run = open_run(RunConfig(run=run_dir, device=cfg.device))
+    path = os.path.join(run_dir, "extract_test.pt")
+    if os.path.exists(path):
+        data = torch.load(path, weights_only=True)
+        count = len(run.dataset) if cfg.limit is None else min(cfg.limit, len(run.dataset))
+        if data["meta"]["epoch"] == run.epoch and set(method_list(methods)) <= set(data["meta"]["methods"]) \
+                and len(data["samples"]) == count:
+            return data
+    return write_extraction(run, method_list(methods), limit=cfg.limit)[1]
+
+
+def claim_aucs(run_dir, cfg):
+    """{method: (B, 2) positive and negative token-level AUC per test sample} of explain.CLAIM_METHODS, from
+    RUN/claims_auc.pt or measured now (and saved there)."""
+    path = os.path.join(run_dir, "claims_auc.pt")
+    methods = list(explain.CLAIM_METHODS)
+    run = open_run(RunConfig(run=run_dir, device=cfg.device))
+    if os.path.exists(path):
+        saved = torch.load(path, weights_only=True)
+        if saved["epoch"] == run.epoch and saved["limit"] == cfg.limit and set(methods) <= set(saved["auc"]):
+            return saved["auc"]
+    claim_extraction(run_dir, cfg, ",".join(methods))
+    perturb_cfg = PerturbConfig(run=run_dir, limit=cfg.limit, device=cfg.device)
+    _, _, curves, _ = perturbation_tests(perturb_cfg, run, methods)
+    aucs = {m: explain.auc(c).float() for m, c in curves.items()}
+    sa.save_checkpoint(path, dict(epoch=run.epoch, limit=cfg.limit, auc=aucs))
+    return aucs
+
+
+def claim_translations(run_dir):
+    """A finished run's test SDR, BLEU-4 and per-sentence BLEU statistics (from results.json and
+    translations.csv)."""
+    with open(os.path.join(run_dir, "results.json"), encoding="utf-8") as f:
+        test = json.load(f)["test"]
+    target = run_config(run_dir)["data"]["target"]
+    with open(os.path.join(run_dir, "translations.csv"), encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    stats = [sa.bleu_statistics(r[f"{target}_prediction"], r[f"{target}_reference"]) for r in rows]
+    return dict(sdr=test.get("sdr", float("nan")), bleu4=test["bleu4"], bleu_statistics=stats)
+
+
+def claim_row(claim, inputs, cfg, gloss_note):
+    """One row of claims.json: the keys the issue of record names, and the data and models it ran on."""
+    value, low, high, verdict = explain.measure_claim(claim, inputs, cfg.bootstrap)
+    models = dict(gloss=gloss_note, text=f"default recipe, {cfg.seeds} seed(s)",
+                  signcl=f"default recipe with CTC weight 0, lambda 0 and 0.01, {cfg.seeds} seed(s) each")[claim.runs]
+    command = f"python run.py claims --data {cfg.data} --seeds {cfg.seeds} --only {claim.key}"
+    return dict(key=claim.key, paper=claim.paper, source=claim.source, claim=claim.claim, measure=claim.measure,
+                unit=claim.unit.strip(), paper_value=claim.paper_value, value=value, low=low, high=high,
+                verdict=verdict, rule=claim.rule.text(claim.unit), data=cfg.data, models=models, command=command)
+
+
+def number(x):
+    return "undefined" if not math.isfinite(x) else f"{x:.3g}" if abs(x) < 10 else f"{x:.1f}"
+
+
+def claims_table(rows):
+    """The claims as a markdown table."""
+    lines = ["| paper | claim | measure | paper's figure | ours [95% interval] | verdict |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['paper']} | {r['claim']} ({r['source']}) | {r['measure']} | {r['paper_value'] or '—'} | "
+                     f"{number(r['value'])} [{number(r['low'])}, {number(r['high'])}]{' ' + r['unit'] if r['unit'] else ''} "
+                     f"| **{r['verdict']}** |")
+    return "\n".join(lines)
+
+
+def write_claims(out, rows, cfg, gloss_note):
+    """claims.md (the table, the rules, the models and the commands) and claims.json (the rows)."""
+    md = [f"# Claims on {cfg.data}", "", claims_table(rows), "", "## Rules (fixed before any number was seen)", ""]
+    md += [f"- `{r['key']}`: {r['rule']}" for r in rows]
+    md += ["", "## Models", "", f"- SignAttention rows: {gloss_note}",
+           f"- seeds: {cfg.seeds}; intervals: 95% bootstrap over the trained models and, within each, over the test "
+           f"samples ({cfg.bootstrap} resamples)", "", "## One row alone", ""]
+    md += [f"- `{r['key']}`: `{r['command']}`" for r in rows]
+    md_path, json_path = os.path.join(out, "claims.md"), os.path.join(out, "claims.json")
+    write_text(md_path, "\n".join(md) + "\n")
+    finite = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v      # JSON has no NaN
+    write_json(json_path, [{k: finite(v) for k, v in r.items()} for r in rows])
+    return [md_path, json_path]
+
+
+# ----------------------------------------------------------------------------------------------------
 # Command line: the parser, built from the configurations above
 # ----------------------------------------------------------------------------------------------------
 
@@ -2336,6 +2556,7 @@ MODES = dict(
                             "if missing)"),
     plot=(plot, PlotConfig, "draw the SignAttention figures from the extraction (made if missing)"),
     perturb=(perturb, PerturbConfig, "perturbation tests (faithfulness) and pointing game (plausibility)"),
+    claims=(claims, ClaimsConfig, "every claim of the four papers, measured with seeds and 95% intervals"),
 )
 
 
