@@ -112,16 +112,112 @@ SYNTHETIC_GLOSSES = (list(PRONOUNS) + list(NOUNS) + list(VERBS) + list(TIMES) + 
                      + list(SINGLES) + ["ΟΧΙ", "ΠΑΡΑΚΑΛΩ"])
 
 
-def _verb_phrase(verb, person, tense, negated, obj=None, motion=False):
-    words = (["δεν"] if negated else []) + list(VERBS[verb][tense][person])
+@dataclass
+class Grammar:
+    """The glosses a synthetic GSL is drawn from, and how they become Greek: the hand-written lexicon above, or
+    that lexicon grown to `vocabulary` glosses (synthetic_grammar). `unused` holds the grown lexicon's nouns and
+    verbs that no sentence has used yet: sentences take those first, so that every gloss is signed somewhere."""
+    nouns: dict
+    verbs: dict
+    objects: dict
+    places: list
+    wants: list
+    wh: dict
+    unused: set = field(default_factory=set)
+
+    @property
+    def glosses(self):
+        return (list(PRONOUNS) + list(self.nouns) + list(self.verbs) + list(TIMES) + list(self.wh) + list(SINGLES)
+                + ["ΟΧΙ", "ΠΑΡΑΚΑΛΩ"])
+
+    def pick(self, options, rng):
+        """A gloss among `options`: an unused one if any (the grown lexicon's coverage), else any."""
+        fresh = [o for o in options if o in self.unused]
+        return rng.choice(fresh if fresh else options)
+
+    def pick_verb(self, rng, other_than=None):
+        """A verb that takes objects: one that is unused or has unused objects if any, else any."""
+        verbs = [v for v in self.objects if v != other_than]
+        wanting = [v for v in verbs if v in self.unused or any(o in self.unused for o in self.objects[v])]
+        return rng.choice(wanting if wanting else verbs)
+
+
+GRAMMAR = Grammar(NOUNS, VERBS, OBJECTS, PLACES, WANTS, WH)
+
+CONSONANTS, VOWELS = "κλμνπρστφχβγδζθ", "αεηιου"
+PLAIN = str.maketrans("άέήίόύώ", "αεηιουω")
+
+
+def _pseudo_word(rng, syllables):
+    """A Greek-looking word of `syllables` consonant-vowel syllables (lower case, unaccented)."""
+    return "".join(rng.choice(list(CONSONANTS)) + rng.choice(list(VOWELS)) for _ in range(syllables))
+
+
+def _accent(word, syllable):
+    """The word with a tonos on the vowel of its `syllable`-th syllable from the end (1 = last)."""
+    vowels = [i for i, c in enumerate(word) if c in VOWELS + "ω"]
+    i = vowels[-min(syllable, len(vowels))]
+    return word[:i] + "άέήίόύώ"["αεηιουω".index(word[i])] + word[i + 1:]
+
+
+def synthetic_grammar(vocabulary, seed):
+    """The hand-written lexicon grown to `vocabulary` glosses (for a synthetic GSL of GSL's size: 310): new
+    nouns (feminine in -α/-η, neuter in -ο/-ι, whose article is all the text needs) and, one in five, new verbs
+    with their own present, past and future forms in both persons; each new verb takes a share of the nouns as
+    objects, and the new nouns also join the places, the wanted things and the wh-questions' subjects. The
+    words are made of Greek syllables, unlike any real word and unlike each other."""
+    if vocabulary <= len(SYNTHETIC_GLOSSES):
+        return Grammar(NOUNS, VERBS, OBJECTS, PLACES, WANTS, WH)
+    rng = np.random.default_rng([seed, vocabulary])
+    extra = vocabulary - len(SYNTHETIC_GLOSSES)
+    n_verbs = max(1, extra // 5)
+    taken = set(SYNTHETIC_GLOSSES)
+    nouns, verbs = dict(NOUNS), dict(VERBS)
+
+    def fresh(syllables, ending=""):
+        while True:
+            word = _pseudo_word(rng, syllables) + ending
+            gloss = word.translate(PLAIN).upper()
+            if gloss not in taken:
+                taken.add(gloss)
+                return word, gloss
+    new_nouns = []
+    for _ in range(extra - n_verbs):
+        gender = "f" if rng.random() < 0.5 else "n"
+        word, gloss = fresh(int(rng.integers(2, 4)), str(rng.choice(["α", "η"] if gender == "f" else ["ο", "ι"])))
+        nouns[gloss] = (gender, _accent(word, 2))
+        new_nouns.append(gloss)
+    new_verbs = []
+    for _ in range(n_verbs):
+        stem, gloss = fresh(2)
+        present = ((_accent(stem + "ω", 2),), (_accent(stem + "εις", 2),))
+        past = ((_accent(stem + "σα", 3),), (_accent(stem + "σες", 3),))
+        future = (("θα", _accent(stem + "σω", 2)), ("θα", _accent(stem + "σεις", 2)))
+        verbs[gloss + "Ω"] = (present, past, future)
+        taken.add(gloss + "Ω")
+        new_verbs.append(gloss + "Ω")
+    order = rng.permutation(len(new_nouns))
+    share = lambda k, parts: [new_nouns[i] for i in order[k::parts]]
+    objects = {v: list(o) for v, o in OBJECTS.items()}
+    for k, v in enumerate(new_verbs):
+        objects[v] = share(k, len(new_verbs))
+    places, wants = PLACES + share(0, 5), WANTS + share(1, 5)
+    wh = {w: (word, list(subjects) + share(2 + k, 5)) for k, (w, (word, subjects)) in enumerate(WH.items())}
+    return Grammar(nouns, verbs, objects, places, wants, wh, unused=set(nouns) | set(verbs))
+
+
+def _verb_phrase(verb, person, tense, negated, obj=None, motion=False, grammar=GRAMMAR):
+    words = (["δεν"] if negated else []) + list(grammar.verbs[verb][tense][person])
     if obj is not None:
-        gender, word = NOUNS[obj]
+        gender, word = grammar.nouns[obj]
         words += [("σ" + ARTICLE[gender]) if motion else ARTICLE[gender], word]
     return words
 
 
-def _sentence(rng):
+def _sentence(rng, grammar=GRAMMAR):
     """Draw one (gloss list, text word list) pair from the grammar."""
+    g = grammar
+    pick = lambda options: g.pick(options, rng)
     kind = rng.choice(["statement", "motion", "question", "request", "compound", "single"],
                       p=[0.30, 0.16, 0.16, 0.10, 0.20, 0.08])
     time = rng.choice(list(TIMES)) if rng.random() < 0.5 else None
@@ -132,39 +228,39 @@ def _sentence(rng):
     person = PRONOUNS[pron]
     negated = rng.random() < 0.25
     if kind == "statement":
-        verb = rng.choice(list(OBJECTS))
-        obj = rng.choice(OBJECTS[verb])
+        verb = g.pick_verb(rng)
+        obj = pick(g.objects[verb])
         gloss = lead + [pron, obj, verb] + (["ΟΧΙ"] if negated else [])
-        text = _verb_phrase(verb, person, tense, negated, obj) + tail
+        text = _verb_phrase(verb, person, tense, negated, obj, grammar=g) + tail
     elif kind == "motion":
-        place = rng.choice(PLACES)
+        place = pick(g.places)
         gloss = lead + [pron, place, "ΠΗΓΑΙΝΩ"] + (["ΟΧΙ"] if negated else [])
-        text = _verb_phrase("ΠΗΓΑΙΝΩ", person, tense, negated, place, motion=True) + tail
+        text = _verb_phrase("ΠΗΓΑΙΝΩ", person, tense, negated, place, motion=True, grammar=g) + tail
     elif kind == "question":
-        wh = rng.choice(list(WH))
-        word, nouns = WH[wh]
-        noun = rng.choice(nouns)
-        gender, _ = NOUNS[noun]
+        wh = rng.choice(list(g.wh))
+        word, nouns = g.wh[wh]
+        noun = pick(nouns)
+        gender, _ = g.nouns[noun]
         verb = "κοστίζει" if wh == "ΠΟΣΟ" else COPULA[tense]
         gloss = lead + [noun, wh]
-        text = [word] + verb.split() + [NOMINATIVE[gender], NOMINATIVE_WORD.get(noun, NOUNS[noun][1])] + tail
+        text = [word] + verb.split() + [NOMINATIVE[gender], NOMINATIVE_WORD.get(noun, g.nouns[noun][1])] + tail
     elif kind == "request":
         verb = rng.choice(["ΘΕΛΩ", "ΧΡΕΙΑΖΟΜΑΙ"])
-        obj = rng.choice(WANTS)
+        obj = pick(g.wants)
         gloss = [pron, obj, verb, "ΠΑΡΑΚΑΛΩ"]
-        text = ["παρακαλώ"] + _verb_phrase(verb, person, 0, False, obj)
+        text = ["παρακαλώ"] + _verb_phrase(verb, person, 0, False, obj, grammar=g)
     elif kind == "compound":
-        verb = rng.choice(list(OBJECTS))
-        obj = rng.choice(OBJECTS[verb])
-        place = rng.choice(PLACES)
+        verb = g.pick_verb(rng)
+        obj = pick(g.objects[verb])
+        place = pick(g.places)
         gloss = lead + [pron, obj, verb, place, "ΠΗΓΑΙΝΩ"]
-        text = (_verb_phrase(verb, person, tense, False, obj) + ["και"]
-                + _verb_phrase("ΠΗΓΑΙΝΩ", person, tense, False, place, motion=True))
+        text = (_verb_phrase(verb, person, tense, False, obj, grammar=g) + ["και"]
+                + _verb_phrase("ΠΗΓΑΙΝΩ", person, tense, False, place, motion=True, grammar=g))
         if rng.random() < 0.5:                       # a third clause: up to 8 glosses
-            verb2 = rng.choice([v for v in OBJECTS if v != verb])
-            obj2 = rng.choice(OBJECTS[verb2])
+            verb2 = g.pick_verb(rng, other_than=verb)
+            obj2 = pick(g.objects[verb2])
             gloss += [obj2, verb2]
-            text += ["και"] + _verb_phrase(verb2, person, tense, False, obj2)
+            text += ["και"] + _verb_phrase(verb2, person, tense, False, obj2, grammar=g)
         text += tail
     else:
         single = rng.choice(list(SINGLES))
@@ -195,14 +291,20 @@ FINGER_LEN = np.array([0.20, 0.16, 0.17, 0.16, 0.13])
 # A frame's hand state: [x, y, z, orientation, 5 curls] for the right hand, then the same for the left.
 
 
-def _gloss_lexicon(rng):
-    """Each gloss: a distinct motion (location x movement pair is unique), handshapes and duration."""
+def _gloss_lexicon(rng, glosses=SYNTHETIC_GLOSSES):
+    """Each gloss: a distinct motion (the location x movement pair is unique; beyond 48 glosses the location x
+    movement x first handshape triple), handshapes and duration."""
     pairs = [(m, loc) for loc in range(len(LOCATIONS)) for m in range(len(MOVEMENTS))]
+    triples = len(glosses) > len(pairs)
+    if triples:
+        pairs = [(m, loc, h) for m, loc in pairs for h in range(len(HANDSHAPES))]
+        if len(glosses) > len(pairs):
+            raise ValueError(f"at most {len(pairs)} glosses have distinct motions")
     order = rng.permutation(len(pairs))
     lexicon = {}
-    for i, gloss in enumerate(SYNTHETIC_GLOSSES):
-        movement, location = pairs[order[i]]
-        shape_a = rng.integers(len(HANDSHAPES))
+    for i, gloss in enumerate(glosses):
+        movement, location = pairs[order[i]][:2]
+        shape_a = pairs[order[i]][2] if triples else rng.integers(len(HANDSHAPES))
         shape_b = (shape_a + 1 + rng.integers(len(HANDSHAPES) - 1)) % len(HANDSHAPES) if MOVEMENTS[movement] == "shape" \
             else (shape_a if rng.random() < 0.7 else rng.integers(len(HANDSHAPES)))
         lexicon[gloss] = dict(
@@ -210,7 +312,7 @@ def _gloss_lexicon(rng):
             direction=rng.uniform(0, 2 * np.pi), size=rng.uniform(0.25, 0.5), turns=rng.choice([1, 2]),
             shapes=(int(shape_a), int(shape_b)), angles=rng.uniform(-1.0, 1.0, 2),
             two_handed=rng.random() < 0.35, mirror=rng.random() < 0.6,
-            duration=int(rng.integers(9, 23)))
+            duration=int(rng.integers(8, 20) if triples else rng.integers(9, 23)))    # GSL-sized: GSL's pace
     return lexicon
 
 
@@ -358,8 +460,15 @@ def _signer(k, rng):
                 missing_at_rest=rng.uniform(0, 0.6))
 
 
-def _perform(gloss, lexicon, signer, rng):
-    """One signer signs one gloss sentence: keypoints (F, 1, 543, 3) and the gloss segments."""
+def _perform(gloss, lexicon, signer, rng, slow=0.0):
+    """One signer signs one gloss sentence: keypoints (F, 1, 543, 3) and the gloss segments. With probability
+    `slow` the sentence is signed slowly (each gloss and transition 2.8 to 4.2 times longer, one in thirty of
+    those 4.2 to 5 times, but at most about 600 frames in all): the long tail of real recordings' lengths."""
+    tempo = 1.0
+    if slow > 0 and rng.random() < slow:
+        tempo = rng.uniform(4.2, 5.0) if rng.random() < 1 / 30 else rng.uniform(2.8, 4.2)
+        usual = 15 + sum(lexicon[g]["duration"] * signer["speed"] + 3.5 for g in gloss)    # frames at tempo 1
+        tempo = min(tempo, 600 / usual)
     parts, segments, cursor = [], [], 0
     short = rng.random() < (0.25 if len(gloss) <= 2 else 0.02)   # a clip cut tight around the signing
     long_pause = rng.random() < 0.02                  # a signer who hesitates: a long hold mid-sentence
@@ -372,9 +481,11 @@ def _perform(gloss, lexicon, signer, rng):
     for i, g in enumerate(gloss):
         spec = lexicon[g]
         n = int(np.clip(round(spec["duration"] * signer["speed"] * rng.uniform(0.85, 1.15)), 8, 25))
+        n = int(round(n * tempo))                         # slowly: the same motion, drawn out
         states = _gloss_states(spec, n, signer, rng)
         states[:, :2] += rng.normal(0, 0.02, 2)
         gap = (int(rng.integers(3, 6)) if i == 0 else int(rng.integers(2, 5))) if not (short and i == 0) else 0
+        gap = int(round(gap * tempo))
         if long_pause and i == len(gloss) // 2:
             hold = int(rng.integers(30, 80))
             parts.append(np.repeat(previous[None], hold, 0) + rng.normal(0, 0.005, (hold, 18)))
@@ -405,9 +516,20 @@ def _perform(gloss, lexicon, signer, rng):
 SYNTHETIC_GENERATOR = 2              # recorded in metadata.json: 2 = each signer from their own generator
 
 
-def generate_synthetic_gsl(path, n_sentences=300, n_signers=7, reps=1, seed=0, workers=1):
+SYNTHETIC_SIZES = dict(
+    default={},
+    # GSL's size: 331 distinct sentences over 310 glosses, five repetitions per signer (7 x 5 x 331 = 11,585
+    # recordings; GSL has 10,290), and a length tail like GSL's (frames at 30 fps: mean 101, p95 254, max 615)
+    gsl=dict(n_sentences=331, reps=5, vocabulary=310, slow=0.09),
+)
+
+
+def generate_synthetic_gsl(path, n_sentences=300, n_signers=7, reps=1, seed=0, workers=1, vocabulary=None,
+                           slow=0.0):
     """Write the synthetic GSL to `path` in the GSL layout plus alignments.csv (the README's "The synthetic
-    GSL" says what it holds).
+    GSL" says what it holds). `vocabulary` grows the lexicon to that many glosses (synthetic_grammar; default
+    the 47 hand-written ones), `slow` is the share of sentences signed slowly (_perform); SYNTHETIC_SIZES names
+    the sets the package generates.
 
     Every signer signs every sentence `reps` times; the last signer is the test split, the one
     before it validation (signer-independent, like GSL SI). Each signer's recordings are drawn from their
@@ -416,19 +538,22 @@ def generate_synthetic_gsl(path, n_sentences=300, n_signers=7, reps=1, seed=0, w
     workers > 1 needs the `if __name__ == "__main__":` guard. The folder appears atomically.
     """
     rng = np.random.default_rng(seed)
-    lexicon = _gloss_lexicon(rng)
+    grammar = synthetic_grammar(vocabulary or len(SYNTHETIC_GLOSSES), seed)
+    lexicon = _gloss_lexicon(rng, grammar.glosses)
     sentences, seen = [], set()
     while len(sentences) < n_sentences:
-        gloss, text = _sentence(rng)
+        gloss, text = _sentence(rng, grammar)
         if tuple(gloss) not in seen:
             seen.add(tuple(gloss))
+            grammar.unused -= set(gloss)
             sentences.append((gloss, text))
     signers = [_signer(k, rng) for k in range(n_signers)]
     tmp = f"{path}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.join(tmp, "poses"))
     split_of = {n_signers - 1: "test", n_signers - 2: "val"}
-    jobs = [(signer, split_of.get(signer["id"], "train"), reps, sentences, lexicon, tmp, seed) for signer in signers]
+    jobs = [(signer, split_of.get(signer["id"], "train"), reps, sentences, lexicon, tmp, seed, slow)
+            for signer in signers]
     workers = min(workers, n_signers)
     if workers > 1:
         import multiprocessing
@@ -446,8 +571,8 @@ def generate_synthetic_gsl(path, n_sentences=300, n_signers=7, reps=1, seed=0, w
     with open(os.path.join(tmp, "metadata.json"), "w", encoding="utf-8") as f:
         json.dump(dict(name="Synthetic GSL", id="synthetic_gsl", input_language="gsl", output_language="el",
                        fps=30, seed=seed, generator=SYNTHETIC_GENERATOR, sentences=n_sentences, signers=n_signers,
-                       repetitions=reps,
-                       glosses=len(SYNTHETIC_GLOSSES), test_signer=n_signers, val_signer=n_signers - 1),
+                       repetitions=reps, glosses=len(lexicon), slow=slow, test_signer=n_signers,
+                       val_signer=n_signers - 1),
                   f, ensure_ascii=False, indent=1)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
@@ -457,13 +582,13 @@ def generate_synthetic_gsl(path, n_sentences=300, n_signers=7, reps=1, seed=0, w
 def _sign_sentences(job):
     """One signer signs every sentence `reps` times, drawn from the generator (seed, signer): writes the pose
     files into folder/poses and returns their annotation rows and alignment rows."""
-    signer, split, reps, sentences, lexicon, folder, seed = job
+    signer, split, reps, sentences, lexicon, folder, seed, slow = job
     rng = np.random.default_rng([seed, signer["id"]])
     rows, alignments = [], []
     for rep in range(reps):
         for j, (gloss, text) in enumerate(sentences):
             sid = f"synth_signer{signer['id'] + 1}_rep{rep + 1}_sentences{j:04d}"
-            points, segments = _perform(gloss, lexicon, signer, rng)
+            points, segments = _perform(gloss, lexicon, signer, rng, slow)
             np.save(os.path.join(folder, "poses", sid + ".npy"), points)
             rows.append([sid, " ".join(text), " ".join(gloss), split])
             alignments += [[sid, p, g, a, b] for p, (g, (a, b)) in enumerate(zip(gloss, segments))]
