@@ -176,6 +176,18 @@ def test_synthetic_gsl_grows_to_gsl_size(tmp_path):
     assert max(frames) > 2 * max(usual) and max(frames) <= 650 and np.median(frames) < 1.5 * np.median(usual)
 
 
+def test_the_gsl_sized_folder_is_generated_on_first_use(tmp_path, monkeypatch):
+    """data/synthetic_gsl_full is generated with SYNTHETIC_SIZES['gsl'] (made small here) when first named."""
+    import run as cli
+    monkeypatch.setitem(sa.SYNTHETIC_SIZES, "gsl", dict(n_sentences=12, n_signers=3, vocabulary=60, slow=0.5))
+    _, printed = call(cli.ensure_data, cli.SYNTHETIC_FULL, tmp_path)
+    assert "generating the synthetic GSL at GSL size" in printed
+    metadata = json.load(open(tmp_path / cli.SYNTHETIC_FULL / "metadata.json"))
+    assert (metadata["glosses"], metadata["sentences"], metadata["slow"]) == (60, 12, 0.5)
+    _, printed = call(cli.ensure_data, cli.SYNTHETIC_FULL, tmp_path)                 # once only
+    assert printed == ""
+
+
 def test_gloss_motions_differ_between_glosses():
     """Every gloss has its own (location, movement) pair, so a model must look at the motion."""
     for seed in range(3):
