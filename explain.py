@@ -18,7 +18,10 @@ two shared pieces written once:
 Below the methods: what `python run.py extract` keeps per sample (extract_batch); the analyses behind the
 global figures (global_numbers, token_segments); the perturbation tests that ask whether a relevance is
 faithful (token_perturbation, sentence_perturbation, auc, bootstrap), the table and verdicts built on them
-(perturb_table, verdict), and plausibility against true gloss segments (plausibility).
+(perturb_table, verdict), and plausibility against true gloss segments (plausibility). Last, the four
+papers' claims (CLAIMS): each a measure on trained models (SignAttention's diagonality, contiguity and
+reliance_trend; SignCL's SDR and BLEU; the perturbation AUCs), a Rule written before any number was seen,
+and a two-stage bootstrap interval over the models and their samples (seed_bootstrap, measure_claim).
 """
 import math
 import time

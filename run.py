@@ -260,7 +260,7 @@ class PerturbConfig(RunConfig):
 @dataclass
 class ClaimsConfig:
     """python run.py claims: every claim of the four papers measured on trained models, with 95% intervals and
-    a verdict by a rule fixed in explain.CLAIMS: CLAIMS_DIR/claims.md and claims.json."""
+    a verdict by a rule fixed in explain.CLAIMS: OUT/claims.md and claims.json."""
     data: str = option(SYNTHETIC, f"dataset folder (default {SYNTHETIC}; it and {SYNTHETIC_FULL}, the synthetic GSL "
                        "at GSL's size, are generated if missing)")
     seeds: int = option(3, "trained models per configuration (seeds 0..N-1)", low=1)

@@ -1,7 +1,8 @@
 """SignAttention: sign language pose sequences -> glosses and text, with attention you can look at.
 
 Read top to bottom like a method section:
-  1. data      -- the synthetic GSL generator, the GSL, pose-format and signjoey readers, the importers and
+  1. data      -- the synthetic GSL generator (default, or grown to GSL's size: synthetic_grammar,
+                  SYNTHETIC_SIZES), the GSL, pose-format and signjoey readers, the importers and
                   MediaPipe Holistic conversion of real recordings, vocabularies, batches
   2. model     -- frame embedder, sinusoidal positions, transformer encoder with a CTC gloss head,
                   autoregressive decoder; attention written out so every map can be kept with its gradient
