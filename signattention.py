@@ -1444,12 +1444,17 @@ class SignDataset:
         return dict(src=src, src_mask=src_mask, tgt_in=tgt_in, tgt_out=tgt_out, gloss=gloss,
                     gloss_lengths=torch.tensor([len(g) for g in glosses]), index=list(indices))
 
-    def batches(self, batch_size, generator=None, shuffle=False):
-        """Index lists; shuffled batches are drawn from length-sorted pools to limit padding."""
+    def batches(self, batch_size, generator=None, shuffle=False, pooled=True):
+        """Index lists. Unshuffled: the split in order. Shuffled and `pooled`: a random permutation cut into pools
+        of 16 batches, each pool sorted by length and cut into batches, the batches in random order (a batch
+        of the synthetic GSL then spans about 17 frames of length, so little of it is padding). Shuffled and
+        not pooled: a random permutation cut into batches (a PyTorch DataLoader's shuffle=True)."""
         if not shuffle:
             order = list(range(len(self)))
             return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         order = torch.randperm(len(self), generator=generator).tolist()
+        if not pooled:
+            return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         pool = batch_size * 16
         out = []
         for p in range(0, len(order), pool):

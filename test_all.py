@@ -908,6 +908,28 @@ def test_vocabulary_and_batches(tiny_gsl):
     np.testing.assert_array_equal(a, train_ds.frames(0, torch.Generator().manual_seed(3)))
 
 
+def test_training_batches_pooled_and_shuffled(tiny_gsl):
+    """Pooled batches come from length-sorted pools (little padding); shuffled ones are a plain random permutation
+    cut into batches, as a DataLoader with shuffle=True draws them (the signattention preset's)."""
+    cfg = sa.DataConfig()
+    records = sa.load_records(tiny_gsl, cfg, ("train",))
+    vocab = sa.Vocabulary(w for r in records for w in r.gloss)
+    ds = sa.SignDataset(records, cfg, vocab, vocab, train=True)
+    draw = lambda pooled: ds.batches(3, torch.Generator().manual_seed(5), shuffle=True, pooled=pooled)
+    pooled, shuffled = draw(True), draw(False)
+    for batches in (pooled, shuffled):
+        assert sorted(i for b in batches for i in b) == list(range(len(ds))) and len(batches) == 6
+    assert [i for b in shuffled for i in b] == torch.randperm(len(ds), generator=torch.Generator().manual_seed(5)).tolist()
+    assert shuffled == draw(False) and pooled == draw(True)
+    span = lambda batches: sum(max(len(records[i].frames) for i in b) - min(len(records[i].frames) for i in b)
+                               for b in batches)
+    assert span(pooled) < span(shuffled)
+    lengths = sorted(len(r.frames) for r in records)                            # one pool: sorted, then cut
+    assert sorted(sorted(len(records[i].frames) for i in b) for b in pooled) == [lengths[k:k + 3] for k in range(0, 16, 3)]
+    import run as cli
+    assert cli.PRESETS["signattention"]["train"]["batching"] == "shuffled" and cli.Recipe().batching == "pooled"
+
+
 def test_fast_and_explicit_attention_give_the_same_logits():
     for norm_first in (True, False):
         model = small_model(norm_first=norm_first)
@@ -1402,6 +1424,8 @@ def test_checkpoint_selection_and_early_stopping_watch_their_own_metrics(tiny_gs
     history = [dict(ce=2.0, accuracy=50.0), dict(ce=1.5, accuracy=49.0), dict(ce=1.7, accuracy=55.0),
                dict(ce=1.8, accuracy=54.0)]
     assert cli.epochs_since_best(history, "ce") == 2 and cli.epochs_since_best(history, "accuracy") == 1
+    tied = history + [dict(ce=1.5, accuracy=55.0)]                        # equal to the best: not an improvement
+    assert cli.epochs_since_best(tied, "ce") == 3 and cli.epochs_since_best(tied, "accuracy") == 2
     assert cli.best_of("ce", [h["ce"] for h in history]) == 1.5 and cli.best_of("wer", []) is None
     assert cli.is_better("ce", 1.4, 1.5) and not cli.is_better("ce", 1.6, 1.5)
     assert cli.is_better("accuracy", 56.0, 55.0) and cli.is_better("wer", 4.0, 5.0)
@@ -1412,7 +1436,7 @@ def test_checkpoint_selection_and_early_stopping_watch_their_own_metrics(tiny_gs
     best = min(history, key=lambda h: (h["wer"], h["epoch"]))             # the first epoch of the lowest WER
     assert torch.load(tmp_path / "r" / "best.pt", weights_only=True)["epoch"] == best["epoch"]
     bleu = [h["bleu4"] for h in history]
-    peak = max(i for i, v in enumerate(bleu) if v == max(bleu))          # the last epoch that reached it
+    peak = min(i for i, v in enumerate(bleu) if v == max(bleu))          # the first epoch that reached it
     if "early stop" in out:                                # stopped: the last 2 epochs did not beat the peak
         assert "early stop: no better validation bleu4 for 2 epochs" in out and len(history) == peak + 3
     else:
