@@ -3144,6 +3144,24 @@ def test_every_claim_has_a_paper_a_source_a_rule_and_runs():
     assert papers == {ex.SIGNATTENTION, ex.SIGNCL, ex.CHEFER, ex.SPECTRAL}
 
 
+def test_signattention_rows_use_the_preset_from_70_percent_exact(tmp_path):
+    import run as cli
+    run_dir = tmp_path / "signattention"
+    os.makedirs(run_dir)
+    (run_dir / "config.json").write_text(json.dumps(dict(data=dict(target="gloss"))))
+    for exact, chosen in ((2, False), (3, True)):                                        # of 4: 50%, 75%
+        with open(run_dir / "translations.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "gloss_reference", "gloss_prediction", "text_reference", "text_prediction"])
+            for i in range(4):
+                w.writerow([i, "Α Β", "Α Β" if i < exact else "Α", "", ""])
+        assert cli.signattention_choice(str(tmp_path))[1] is None                        # not finished yet
+        (run_dir / "results.json").write_text("{}")
+        note, chosen_dir = cli.signattention_choice(str(tmp_path))
+        assert (chosen_dir == str(run_dir)) == chosen and f"{25.0 * exact:.1f}%" in note, note
+        os.remove(run_dir / "results.json")
+
+
 def test_claims_end_to_end_on_a_tiny_configuration(tiny_gsl, tmp_path):
     """Every claim measured on one tiny model per configuration: claims.json holds the issue's keys, each
     interval contains its value, and a second call reuses every run and writes the same numbers."""
@@ -3151,6 +3169,9 @@ def test_claims_end_to_end_on_a_tiny_configuration(tiny_gsl, tmp_path):
     cfg = cli.ClaimsConfig(data=tiny_gsl, seeds=1, out="c", bootstrap=100, overrides=tiny(epochs=2))
     rows, printed = call(cli.claims, cfg, tmp_path)
     assert "claims: stage 4/4" in printed and "ETA" in printed and "default recipe with --target gloss" in printed
+    preset = json.load(open(tmp_path / "c" / "signattention" / "config.json"))          # trained first, to be judged
+    assert preset["preset"] == "signattention" and preset["train"]["batching"] == "shuffled"
+    assert "the signattention preset (c/signattention) decodes" in printed
     table = json.load(open(tmp_path / "c" / "claims.json", encoding="utf-8"))
     assert [r["key"] for r in table] == [c.key for c in ex.CLAIMS]
     for r in table:
@@ -3165,7 +3186,7 @@ def test_claims_end_to_end_on_a_tiny_configuration(tiny_gsl, tmp_path):
     md = open(tmp_path / "c" / "claims.md", encoding="utf-8").read()
     assert "| paper | claim |" in md and "fixed before any number was seen" in md
     again, printed = call(cli.claims, cfg, tmp_path)
-    assert printed.count("finished, reused") == 4 and "epoch" not in printed.split("claims: stage 1/4")[1][:200]
+    assert printed.count("finished, reused") == 5 and "epoch" not in printed.split("claims: stage 1/4")[1][:200]
     assert json.load(open(tmp_path / "c" / "claims.json", encoding="utf-8")) == table
     with pytest.raises(sa.DataError, match="unknown claim"):
         call(cli.claims, cli.ClaimsConfig(data=tiny_gsl, out="c", only="nope"), tmp_path)
