@@ -1449,11 +1449,8 @@ class SignDataset:
         of 16 batches, each pool sorted by length and cut into batches, the batches in random order (a batch
         of the synthetic GSL then spans about 17 frames of length, so little of it is padding). Shuffled and
         not pooled: a random permutation cut into batches (a PyTorch DataLoader's shuffle=True)."""
-        if not shuffle:
-            order = list(range(len(self)))
-            return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-        order = torch.randperm(len(self), generator=generator).tolist()
-        if not pooled:
+        order = torch.randperm(len(self), generator=generator).tolist() if shuffle else list(range(len(self)))
+        if not (shuffle and pooled):
             return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         pool = batch_size * 16
         out = []

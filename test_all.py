@@ -270,8 +270,8 @@ def test_bad_rows_name_line_and_problem(tiny_gsl, tmp_path, row, words):
 
 def test_cli_bad_input_is_one_line_and_nonzero(tiny_gsl, tmp_path):
     folder = copy_gsl(tiny_gsl, str(tmp_path / "d"), lambda rows: rows + [["../../x", "α", "Α", "train"]])
-    code, printed = run_here(["train", "--data", folder, "--epochs", "1"], tmp_path)   # a user's train as a process:
-    lines = printed.strip().splitlines()                                             # test_every_numeric_option_...
+    code, printed = run_here(["train", "--data", folder, "--epochs", "1"], tmp_path)   # in process: the range test
+    lines = printed.strip().splitlines()                                             # runs train as a user does
     assert code == 2 and len(lines) == 1 and "annotations.csv: line 50" in lines[0] and "Traceback" not in printed
     import run as cli
     _, printed = call(cli.train, cli.TrainConfig(data=folder, skip_bad=True, out="r", overrides=tiny(epochs=1)),
