@@ -1135,6 +1135,44 @@ def test_the_objective_adds_signcl_and_it_reaches_the_encoder_gradient(tiny_gsl)
     assert not torch.allclose(grads[0], grads[1])
 
 
+def test_length_sorted_parts_add_up_to_the_batch(tiny_gsl):
+    """A batch cut into parts (SignDataset.parts, --micro-batch): the parts cover the batch, each sorted by
+    length; their losses with `whole` (cross-entropy with label smoothing, CTC) add up to the batch's loss,
+    and their accumulated gradients to its gradient. SignCL's share is weighted by samples."""
+    cfg = sa.DataConfig()
+    records = sa.load_records(tiny_gsl, cfg, ("train",))
+    gloss = sa.Vocabulary(w for r in records for w in r.gloss)
+    text = sa.Vocabulary(w for r in records for w in r.text)
+    ds = sa.SignDataset(records, cfg, gloss, text)
+    indices = torch.randperm(len(ds), generator=torch.Generator().manual_seed(2)).tolist()[:11]
+    parts = ds.parts(indices, 4)
+    assert [len(p) for p in parts] == [4, 4, 3] and sorted(sum(parts, [])) == sorted(indices)
+    lengths = [len(records[i].frames) for p in parts for i in p]
+    assert lengths == sorted(lengths) and ds.parts(indices, 0) == ds.parts(indices, 11) == [indices]
+    assert ds.totals(indices) == (sum(len(ds.tokens(i)) + 1 for i in indices), 11)
+    model = sa.SignTranslator(sa.ModelConfig(n_gloss=len(gloss), n_out=len(text), d_model=32, encoder_layers=1,
+                                             decoder_layers=1, feedforward=64)).train()     # no dropout: 0 by default
+
+    def loss_and_gradient(batches, whole):
+        model.zero_grad()
+        total = 0.0
+        for b in batches:
+            loss, _ = sa.training_loss(model, ds.batch(b), 0.1, 2.0, whole=whole)
+            loss.backward()
+            total += loss.item()
+        return total, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    loss, grad = loss_and_gradient([indices], None)
+    summed, accumulated = loss_and_gradient(parts, ds.totals(indices))
+    assert summed == pytest.approx(loss, rel=1e-5)
+    torch.testing.assert_close(accumulated, grad, rtol=1e-4, atol=1e-6)
+    one, _ = sa.training_loss(model, ds.batch(parts[0]), 0.1, 2.0, 0.01, torch.Generator().manual_seed(0))
+    share, _ = sa.training_loss(model, ds.batch(parts[0]), 0.1, 2.0, 0.01, torch.Generator().manual_seed(0),
+                                whole=(1, 1))
+    plain, _ = sa.training_loss(model, ds.batch(parts[0]), 0.1, 2.0, 0.0, whole=(1, 1))
+    base, _ = sa.training_loss(model, ds.batch(parts[0]), 0.1, 2.0)
+    assert (share - plain).item() == pytest.approx(4 * (one - base).item(), rel=1e-4)    # 4 samples of 1
+
+
 def test_sdr_on_constructed_clusters():
     tight = torch.tensor([[0.0, 0], [0, 1], [10, 0], [10, 1]])
     # intra distance 1, inter distances to the other class: 10, sqrt(101), sqrt(101), 10 -> mean
