@@ -1165,13 +1165,13 @@ def test_length_sorted_parts_add_up_to_the_batch(tiny_gsl):
     loss, grad = loss_and_gradient([indices], None)
     summed, accumulated = loss_and_gradient(parts, ds.totals(indices))
     assert summed == pytest.approx(loss, rel=1e-5)
-    torch.testing.assert_close(accumulated, grad, rtol=1e-4, atol=1e-6)
+    assert ((accumulated - grad).norm() / grad.norm()).item() < 1e-5        # float32 sums in another order
     one, _ = sa.training_loss(model, ds.batch(parts[0]), 0.1, 2.0, 0.01, torch.Generator().manual_seed(0))
     share, _ = sa.training_loss(model, ds.batch(parts[0]), 0.1, 2.0, 0.01, torch.Generator().manual_seed(0),
-                                whole=(1, 1))
-    plain, _ = sa.training_loss(model, ds.batch(parts[0]), 0.1, 2.0, 0.0, whole=(1, 1))
+                                whole=ds.totals(indices))
+    plain, _ = sa.training_loss(model, ds.batch(parts[0]), 0.1, 2.0, 0.0, whole=ds.totals(indices))
     base, _ = sa.training_loss(model, ds.batch(parts[0]), 0.1, 2.0)
-    assert (share - plain).item() == pytest.approx(4 * (one - base).item(), rel=1e-4)    # 4 samples of 1
+    assert (share - plain).item() == pytest.approx(4 / 11 * (one - base).item(), rel=1e-4)   # 4 samples of 11
 
 
 def test_sdr_on_constructed_clusters():
