@@ -110,8 +110,7 @@ PRESETS = {
     # clipping, the checkpoint of the lowest validation loss, early stopping on validation accuracy (a strict
     # improvement resets the patience), plainly shuffled batches (a DataLoader's shuffle=True: from length-
     # sorted pools this model learns the synthetic GSL to test BLEU-4 6, shuffled to 93), at most 1000 epochs
-    # (Lightning's default; the reference sets none). Each batch of 64 runs as four length-sorted parts of 16
-    # whose losses add up to the batch's (the same gradient, half the padding: twice as fast on a CPU).
+    # (Lightning's default; the reference sets none).
     # Departure kept: at evaluation a chunk gives its first frame (the reference draws a random one).
     "signattention": dict(
         data=dict(normalise=False, subsample=3, max_frames=220, max_tokens=20, target="gloss", augment=False,
@@ -119,8 +118,8 @@ PRESETS = {
         model=dict(d_model=16, heads=8, encoder_layers=1, decoder_layers=1, feedforward=2048, embed_hidden=128,
                    dropout=0.2, pos_dropout=0.1, norm_first=False, final_norm=True, init="xavier"),
         train=dict(epochs=1000, batch_size=64, lr=1e-3, weight_decay=0.0, warmup_epochs=0, schedule="constant",
-                   label_smoothing=0.0, ctc_weight=0.0, grad_clip=0.0, batching="shuffled", micro_batch=16,
-                   select="ce", stop_on="accuracy", patience=30, beam=1)),
+                   label_smoothing=0.0, ctc_weight=0.0, grad_clip=0.0, batching="shuffled", select="ce",
+                   stop_on="accuracy", patience=30, beam=1)),
 }
 SECTIONS = dict(data=sa.DataConfig, model=sa.ModelConfig, train=Recipe)    # what train's options override
 
