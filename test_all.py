@@ -14,7 +14,6 @@ import pickle
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -83,32 +82,7 @@ def random_batch(B=3, T=11, n=5, F=6, seed=0):
 def run(args, cwd, timeout=300):
     """run.py in a new interpreter, as a user starts it (where a fresh process matters: exit codes, stderr,
     signals, torchrun)."""
-    return finished(started(RUN + args, cwd), timeout)
-
-
-def started(command, cwd):
-    """A command started in the background, its output going to temporary files (a full pipe never stalls
-    it); finished() waits for it. A test does its in-process work meanwhile: the suite runs in one thread,
-    and the other core takes the user's process."""
-    output = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-    process = subprocess.Popen([str(a) for a in command], cwd=cwd, stdout=output[0], stderr=output[1])
-    process.output = output
-    return process
-
-
-def finished(process, timeout=300):
-    """A started() command's CompletedProcess (its output as text) once it exits; killed after `timeout` s."""
-    try:
-        code = process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        raise
-    text = []
-    for f in process.output:
-        f.seek(0)
-        text.append(f.read().decode("utf-8", "replace"))
-        f.close()
-    return subprocess.CompletedProcess(process.args, code, *text)
+    return subprocess.run(RUN + args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 def call(mode, config, cwd):
@@ -1858,7 +1832,6 @@ def test_extract_writes_every_map_and_method(tiny_run):
 def test_bench_reports_the_same_numbers(tiny_run):
     import run as cli
     cwd, _ = tiny_run
-    user = started(RUN + ["bench", "r", "--perturb", "--limit", "2", "--methods", "generic,random"], cwd)
     _, printed = call(cli.bench, cli.BenchConfig(run="r", limit=3, methods="saliency,generic,lrp,attention"), cwd)
     rows = {line.split()[0]: line.split() for line in printed.splitlines()[2:] if not line.startswith("bench")}
     assert set(rows) == {"saliency", "generic", "lrp", "attention"}
@@ -1866,7 +1839,7 @@ def test_bench_reports_the_same_numbers(tiny_run):
         assert float(rows[method][-1]) <= 1e-5 and rows[method][-2].endswith("x")
     with pytest.raises(sa.DataError, match=r"unknown method\(s\) nope"):
         call(cli.bench, cli.BenchConfig(run="r", methods="gradcam,nope"), cwd)
-    result = finished(user)                                                             # as a user
+    result = run(["bench", "r", "--perturb", "--limit", "2", "--methods", "generic,random"], str(cwd))   # as a user
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[2:]
             if not line.startswith("bench")}
@@ -2033,20 +2006,19 @@ def drawn(path):
 def test_plot_as_a_user(tiny_run):
     import run as cli
     cwd, _ = tiny_run
-    user = started(RUN + ["plot", "r", "--sample", "1", "--animate"], cwd)
-    _, printed = call(cli.plot, cli.PlotConfig(run="r", all=True, figure_type="svg"), cwd)
-    for name in cli.GLOBAL_FIGURES:
-        assert (cwd / "r" / f"all_all_{name}.svg").read_text().count("<path") > 10
-    assert "diagonality (all): layer 1" in printed and "pointing game (all): attention" in printed
-    code, printed = run_here(["plot", "r", "--sample", "999"], cwd)
-    assert code == 2 and "--sample 999" in printed and len(printed.strip().splitlines()) == 1
-    result = finished(user)
+    result = run(["plot", "r", "--sample", "1", "--animate"], str(cwd))
     assert result.returncode == 0, result.stderr
     for name in cli.SAMPLE_FIGURES:
         assert drawn(cwd / "r" / f"sample1_{name}.png") and f"sample1_{name}.png" in result.stdout
     from PIL import Image
     with Image.open(cwd / "r" / "sample1_animation.gif") as gif:                # one frame per model frame
         assert gif.format == "GIF" and gif.n_frames > 10 and gif.size[0] > 1000
+    _, printed = call(cli.plot, cli.PlotConfig(run="r", all=True, figure_type="svg"), cwd)
+    for name in cli.GLOBAL_FIGURES:
+        assert (cwd / "r" / f"all_all_{name}.svg").read_text().count("<path") > 10
+    assert "diagonality (all): layer 1" in printed and "pointing game (all): attention" in printed
+    code, printed = run_here(["plot", "r", "--sample", "999"], cwd)
+    assert code == 2 and "--sample 999" in printed and len(printed.strip().splitlines()) == 1
 
 
 def run_folder_copy(cwd, name):
@@ -2211,23 +2183,17 @@ def test_view_of_300_samples_and_14_methods_stays_under_20_mb(tiny_gsl, tmp_path
 
 
 def chromium(url, user_data, *flags):
-    """Headless Chromium on a file URL with the flags that keep it off the network, started (finished() waits
-    for it); virtual time lets the page finish its start-up before the DOM is dumped or the screenshot taken.
-    Chromiums running at once need their own user_data folders."""
-    return started([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    "--disable-extensions", f"--user-data-dir={user_data}", "--virtual-time-budget=30000",
-                    *flags, url], None)
+    """Headless Chromium on a file URL with the flags that keep it off the network; virtual time lets the
+    page finish its start-up before the DOM is dumped or the screenshot taken."""
+    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                           "--disable-extensions", f"--user-data-dir={user_data}", "--virtual-time-budget=30000",
+                           *flags, url], capture_output=True, text=True, timeout=180)
 
 
 def chromium_states(path, hashes, user_data):
     """Several states of one view file in one headless Chromium: a page beside it holds a frame per hash and,
     late in virtual time, copies each frame's self-report and DOM into itself. Returns [(report, DOM)]."""
-    return states_of(start_chromium_states(path, hashes, user_data), len(hashes))
-
-
-def start_chromium_states(path, hashes, user_data):
-    """chromium_states' Chromium, started; states_of() reads what it dumped."""
     frames = "".join(f'<iframe src="{os.path.basename(path)}#{h}" width="1400" height="900"></iframe>' for h in hashes)
     holder = os.path.join(os.path.dirname(path), "states.html")
     with open(holder, "w", encoding="utf-8") as f:
@@ -2240,14 +2206,10 @@ addEventListener("load", () => setTimeout(() => {{
   document.getElementById("states").textContent = JSON.stringify(states);
 }}, 20000));
 </script>""")
-    return chromium(f"file://{holder}", user_data, "--allow-file-access-from-files", "--dump-dom")
-
-
-def states_of(browser, count):
-    dom = finished(browser, 180)
+    dom = chromium(f"file://{holder}", user_data, "--allow-file-access-from-files", "--dump-dom")
     assert dom.returncode == 0, dom.stderr[-2000:]
     states = json.loads(unescape(re.search(r'<pre id="states">(.*?)</pre>', dom.stdout, re.S).group(1)))
-    assert len(states) == count, states
+    assert len(states) == len(hashes), states
     return states
 
 
@@ -2261,13 +2223,7 @@ def test_view_in_a_real_browser(viewed_run, tmp_path):
     frames = len(np.load(os.path.join(json.load(open(cwd / "v" / "config.json"))["data_path"], "poses",
                                       page["samples"][3]["id"] + ".npy"), mmap_mode="r"))
     url = f"file://{path}#sample=3&token=2&method=generic&frame=40"
-    holder, shot = path.parent / "two_frames.html", tmp_path / "frames.png"    # one screenshot, a frame above another
-    holder.write_text('<!doctype html><body style="margin:0">' + "".join(
-        f'<iframe src="{path.name}#sample=3&token=2&method=generic&frame={frame}" width="1400" height="1000" '
-        'style="border:0;display:block"></iframe>' for frame in (5, min(40, frames - 1))), encoding="utf-8")
-    screenshot = chromium(f"file://{holder}", tmp_path / "profile2", f"--screenshot={shot}", "--window-size=1400,2000",
-                          "--hide-scrollbars")
-    dom = finished(chromium(url, tmp_path / "profile", "--dump-dom"), 180)
+    dom = chromium(url, tmp_path / "profile", "--dump-dom")
     assert dom.returncode == 0, dom.stderr[-2000:]
     report = json.loads(re.search(r'<script id="self-report" type="application/json">(.*?)</script>', dom.stdout,
                                   re.S).group(1))
@@ -2275,7 +2231,12 @@ def test_view_in_a_real_browser(viewed_run, tmp_path):
     assert (report["sample"], report["token"], report["method"]) == (3, 2, "generic")
     assert report["frame"] == min(40, frames - 1) and report["id"] == page["samples"][3]["id"]
     assert report["token_text"] == page["samples"][3]["tokens"][2] and report["samples"] == 16
-    result = finished(screenshot, 180)
+    holder, shot = path.parent / "two_frames.html", tmp_path / "frames.png"    # one screenshot, a frame above another
+    holder.write_text('<!doctype html><body style="margin:0">' + "".join(
+        f'<iframe src="{path.name}#sample=3&token=2&method=generic&frame={frame}" width="1400" height="1000" '
+        'style="border:0;display:block"></iframe>' for frame in (5, min(40, frames - 1))), encoding="utf-8")
+    result = chromium(f"file://{holder}", tmp_path / "profile", f"--screenshot={shot}", "--window-size=1400,2000",
+                      "--hide-scrollbars")
     assert result.returncode == 0 and shot.exists(), result.stderr[-2000:]
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     assert pixels.shape == (2000, 1400, 3), pixels.shape
@@ -2337,12 +2298,10 @@ def test_view_in_a_real_browser_with_awkward_samples(tiny_gsl, tmp_path):
 # torchrun: two processes on the CPU (gloo)
 # ----------------------------------------------------------------------------------------------------
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            os.path.join(HERE, "run.py")]
-
-
-def torchrun(args, cwd):
-    return finished(started(TORCHRUN + args, cwd), 600)
+def torchrun(args, cwd, processes=2):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(processes), os.path.join(HERE, "run.py")] + args, cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
 
 
 def table_row(output, split):
@@ -2379,9 +2338,8 @@ def test_torchrun_extract_and_perturb_equal_one_process(tiny_run):
     for name in ("one", "two"):
         run_folder_copy(cwd, name)
     import run as cli
-    user = started(TORCHRUN + ["extract", "two", "--limit", "4"], cwd)              # as a user runs it
     call(cli.extract, cli.ExtractConfig(run="one", limit=4), cwd)
-    result = finished(user, 600)
+    result = torchrun(["extract", "two", "--limit", "4"], cwd)                        # as a user runs it
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = (torch.load(cwd / name / "extract_test.pt", weights_only=True) for name in ("one", "two"))
     assert [s["id"] for s in one["samples"]] == [s["id"] for s in two["samples"]] and len(one["samples"]) == 4
@@ -2400,9 +2358,8 @@ def test_torchrun_extract_and_perturb_equal_one_process(tiny_run):
     for a, b in zip(one["samples"], two["samples"]):
         same(a, b)
     tables = []
-    user = started(TORCHRUN + ["perturb", "two", "--limit", "4", "--bootstrap", "100"], cwd)
     _, printed = call(cli.perturb, cli.PerturbConfig(run="one", limit=4, bootstrap=100), cwd)
-    result = finished(user, 600)
+    result = torchrun(["perturb", "two", "--limit", "4", "--bootstrap", "100"], cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "relevance from" in printed and "relevance from" in result.stdout
     for name in ("one", "two"):
@@ -2888,11 +2845,6 @@ def test_every_mode_on_awkward_data(awkward):
                  ["view", "r"]):
         code, printed = run_here(args, root)
         assert code == 0, (args, printed)
-    shown = [ids.index(sid) for sid in ("one frame", "long615")]
-    if CHROMIUM:                          # the page draws them (the browser runs while the figures are drawn)
-        browser = start_chromium_states(os.path.join(r, "view_test.html"),
-                                        [f"sample={i}&token=0&method=generic&frame=0" for i in shown],
-                                        os.path.join(root, "profile"))
     extraction = torch.load(os.path.join(r, "extract_test.pt"), weights_only=True)
     samples = extraction["samples"]
     assert [s["id"] for s in samples[:len(ids)]] == ids
@@ -2910,8 +2862,11 @@ def test_every_mode_on_awkward_data(awkward):
     table = open(os.path.join(r, f"perturb_test_token_{methods.replace(',', '+')}.md"), encoding="utf-8").read()
     assert "2 sample(s) of one frame skipped" in table and "| random |" in table
     no_nan_written(r)
-    if CHROMIUM:
-        for index, (report, _) in zip(shown, states_of(browser, len(shown))):
+    if CHROMIUM:                                                                        # the page draws them
+        shown = [ids.index(sid) for sid in ("one frame", "long615")]
+        states = chromium_states(os.path.join(r, "view_test.html"),
+                                 [f"sample={i}&token=0&method=generic&frame=0" for i in shown], os.path.join(root, "profile"))
+        for index, (report, _) in zip(shown, states):
             assert report["ready"] and report["errors"] == [] and report["sample"] == index, (index, report)
 
 
