@@ -1174,6 +1174,24 @@ def test_length_sorted_parts_add_up_to_the_batch(tiny_gsl):
     assert (share - plain).item() == pytest.approx(4 / 11 * (one - base).item(), rel=1e-4)   # 4 samples of 11
 
 
+def test_training_with_parts_takes_the_whole_batches_steps(tiny_gsl, tmp_path):
+    """train with --micro-batch 3 (batches of 8 in parts of at most 3): with nothing drawn at random inside
+    a batch (every frame kept, no augmentation, no dropout), an epoch reaches the weights and the mean loss
+    that whole batches reach, to float rounding."""
+    import run as cli
+    runs = {}
+    for name, parts in (("whole", 0), ("parts", 3)):
+        _, printed = call(cli.train, cli.TrainConfig(data=tiny_gsl, out=name, overrides=tiny(
+            epochs=1, subsample=1, augment=False, micro_batch=parts)), tmp_path)
+        runs[name] = (json.loads(open(tmp_path / name / "metrics.jsonl").readline())["loss"],
+                      torch.load(tmp_path / name / "last.pt", weights_only=True)["model"])
+    (loss, whole), (parted_loss, parted) = runs["whole"], runs["parts"]
+    assert parted_loss == pytest.approx(loss, rel=1e-5)
+    for key, value in whole.items():          # a key's bias shifts a softmax row alike: its gradient is 0 but
+        if not key.endswith("key.bias"):      # for rounding, which Adam scales up to whole steps
+            torch.testing.assert_close(parted[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
 def test_sdr_on_constructed_clusters():
     tight = torch.tensor([[0.0, 0], [0, 1], [10, 0], [10, 1]])
     # intra distance 1, inter distances to the other class: 10, sqrt(101), sqrt(101), 10 -> mean
