@@ -83,7 +83,7 @@ class Recipe:
     grad_clip: float = option(1.0, "largest gradient norm (0: no clipping)", low=0.0)
     micro_batch: int = option(0, "samples per forward pass: each batch is cut into length-sorted parts of this "
                               "size whose losses add up to the batch's, one optimizer step (less padding; 0: "
-                              "the whole batch)", low=0)
+                              "the whole batch; with --signcl, short clips' anchors then weigh more)", low=0)
     batching: str = option("pooled", "training batches: pooled (drawn from length-sorted pools of 16 batches, "
                            "little padding) or shuffled (a plain random permutation)", choices=("pooled", "shuffled"))
     select: str = option("bleu4", "validation metric that picks the best checkpoint (ce: the decoder's "

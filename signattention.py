@@ -1734,8 +1734,9 @@ def training_loss(model, batch, label_smoothing=0.0, ctc_weight=0.0, signcl=0.0,
     With `whole` = (tokens, samples) of a larger batch this one is a part of (SignDataset.totals), the loss is
     this part's share of that batch's: the cross-entropy summed over the part's tokens over the batch's
     tokens, the CTC terms summed over the part's samples over the batch's samples, so that the parts' losses
-    add up to the batch's; SignCL's mean over the part's anchors is weighted by its share of the samples (the
-    batch's loss averages over all its anchors alike, so there the sum is close, not equal)."""
+    add up to the batch's. SignCL's mean over the part's anchors is weighted by its share of the samples,
+    which is not the batch's loss: the batch averages over all its anchors alike, so that in parts sorted by
+    length the anchors of short clips weigh more (1.4x against 0.7x for the long ones in a batch of 11)."""
     memory = model.encode(batch["src"], batch["src_mask"])
     lengths = frame_lengths(batch["src_mask"])
     if whole is None:
