@@ -1110,18 +1110,25 @@ def test_signcl_never_samples_negatives_within_the_margin_nor_positives_past_one
         assert not anchor[3].any() and anchor[0, 1:38].all() and not anchor[0, 38:].any()
 
 
-def test_the_objective_adds_signcl_and_it_reaches_the_encoder_gradient(tiny_gsl):
-    """sa.training_loss is the whole objective: cross-entropy + CTC + weight x SignCL of the encoder's memory,
-    with each sample's margin and negatives drawn from the generator; the SignCL term changes the encoder's
-    gradient."""
+def training_split_and_model(tiny_gsl):
+    """The tiny set's training split as a SignDataset (default DataConfig, no augmentation drawn) and a small
+    model for it (no dropout)."""
     cfg = sa.DataConfig()
     records = sa.load_records(tiny_gsl, cfg, ("train",))
     gloss = sa.Vocabulary(w for r in records for w in r.gloss)
     text = sa.Vocabulary(w for r in records for w in r.text)
-    ds = sa.SignDataset(records, cfg, gloss, text)
-    batch = ds.batch(list(range(8)))
     model = sa.SignTranslator(sa.ModelConfig(n_gloss=len(gloss), n_out=len(text), d_model=32, encoder_layers=1,
-                                             decoder_layers=1, feedforward=64)).eval()
+                                             decoder_layers=1, feedforward=64))
+    return sa.SignDataset(records, cfg, gloss, text), model
+
+
+def test_the_objective_adds_signcl_and_it_reaches_the_encoder_gradient(tiny_gsl):
+    """sa.training_loss is the whole objective: cross-entropy + CTC + weight x SignCL of the encoder's memory,
+    with each sample's margin and negatives drawn from the generator; the SignCL term changes the encoder's
+    gradient."""
+    ds, model = training_split_and_model(tiny_gsl)
+    model.eval()
+    batch = ds.batch(list(range(8)))
     grads = []
     for weight in (0.0, 0.01):
         model.zero_grad()
@@ -1140,19 +1147,14 @@ def test_length_sorted_parts_add_up_to_the_batch(tiny_gsl):
     """A batch cut into parts (SignDataset.parts, --micro-batch): the parts cover the batch, each sorted by
     length; their losses with `whole` (cross-entropy with label smoothing, CTC) add up to the batch's loss,
     and their accumulated gradients to its gradient. SignCL's share is weighted by samples."""
-    cfg = sa.DataConfig()
-    records = sa.load_records(tiny_gsl, cfg, ("train",))
-    gloss = sa.Vocabulary(w for r in records for w in r.gloss)
-    text = sa.Vocabulary(w for r in records for w in r.text)
-    ds = sa.SignDataset(records, cfg, gloss, text)
+    ds, model = training_split_and_model(tiny_gsl)
+    model.train()                                                            # no dropout: 0 by default
     indices = torch.randperm(len(ds), generator=torch.Generator().manual_seed(2)).tolist()[:11]
     parts = ds.parts(indices, 4)
     assert [len(p) for p in parts] == [4, 4, 3] and sorted(sum(parts, [])) == sorted(indices)
-    lengths = [len(records[i].frames) for p in parts for i in p]
+    lengths = [len(ds.records[i].frames) for p in parts for i in p]
     assert lengths == sorted(lengths) and ds.parts(indices, 0) == ds.parts(indices, 11) == [indices]
     assert ds.totals(indices) == (sum(len(ds.tokens(i)) + 1 for i in indices), 11)
-    model = sa.SignTranslator(sa.ModelConfig(n_gloss=len(gloss), n_out=len(text), d_model=32, encoder_layers=1,
-                                             decoder_layers=1, feedforward=64)).train()     # no dropout: 0 by default
 
     def loss_and_gradient(batches, whole):
         model.zero_grad()
@@ -1184,7 +1186,7 @@ def test_training_with_parts_takes_the_whole_batches_steps(tiny_gsl, tmp_path):
     import run as cli
     runs = {}
     for name, parts in (("whole", 0), ("parts", 3)):
-        _, printed = call(cli.train, cli.TrainConfig(data=tiny_gsl, out=name, overrides=tiny(
+        call(cli.train, cli.TrainConfig(data=tiny_gsl, out=name, overrides=tiny(
             epochs=1, subsample=1, augment=False, micro_batch=parts)), tmp_path)
         runs[name] = (json.loads(open(tmp_path / name / "metrics.jsonl").readline())["loss"],
                       torch.load(tmp_path / name / "last.pt", weights_only=True)["model"])
