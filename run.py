@@ -2675,7 +2675,7 @@ def parser():
     p = Parser(description="Interpretable sign language translation: train, evaluate, explain.")
     sub = p.add_subparsers(dest="mode", required=True)
     for name, (_, config, helptext) in MODES.items():
-        mode = sub.add_parser(name, help=helptext)
+        mode = sub.add_parser(name, help=helptext.replace("%", "%%"))
         add_options(mode, config)
         if config is TrainConfig:
             for section, title in zip(SECTIONS.values(), ("data", "model", "training recipe")):

@@ -310,6 +310,8 @@ def test_every_numeric_option_is_range_checked(tmp_path, monkeypatch, capsys):
     for sub in modes.values():                 # every number goes through a range-checked type or its choices
         assert not [a.dest for a in sub._actions if a.type in (int, float) and not a.choices]
     assert numeric == {mode: set(options) for mode, options in OUT_OF_RANGE.items()}
+    for sub in [cli.parser()] + list(modes.values()):          # --help of the program and of every mode
+        assert sub.format_help().count("\n") > 3
     monkeypatch.chdir(tmp_path)
     for mode, options in OUT_OF_RANGE.items():
         for option, values in options.items():
