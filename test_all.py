@@ -3,6 +3,8 @@
     pytest test_all.py
 """
 import argparse
+import concurrent.futures
+import contextlib
 import csv
 from dataclasses import fields
 import gzip
@@ -14,12 +16,15 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
 
+os.environ["OMP_NUM_THREADS"] = "1"       # one torch thread here and in every run.py started here: see UserRuns
 import numpy as np
 import pytest
 import torch
 
+torch.set_num_threads(1)                                  # (if a plugin imported torch before the line above)
 import signattention as sa
 import sign_cl
 from sign_cl import SignCL, sdr, signcl_margin
@@ -40,12 +45,124 @@ def tiny_gsl(tmp_path_factory):
                                      seed=1)
 
 
+def run_folder_copy(cwd, name):
+    """A new run folder `name` holding only the tiny run's best checkpoint and configuration."""
+    import shutil
+    os.makedirs(cwd / name, exist_ok=True)
+    for file in ("best.pt", "config.json"):
+        shutil.copy(cwd / "r" / file, cwd / name / file)
+
+
+class UserRuns:
+    """Commands run as a user runs them (run.py in a new interpreter), started before the tests that check
+    them and run one after another on a thread of this process while the tests go on here: the suite's two
+    lanes on a 2-core machine. Each lane uses one torch thread (OMP_NUM_THREADS=1, which every run.py started
+    here inherits), so that neither slows the other (two pools of 2 threads on 2 cores would slow each other
+    several-fold) and a subprocess sums as this process does. A command started here trains nothing and
+    works in a folder of its own; while a test here runs several processes itself (held), none starts and
+    the one running is paused (SIGSTOP, then SIGCONT)."""
+
+    def __init__(self):
+        self.pool, self.started = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="user-runs"), {}
+        self.holds, self.free = 0, threading.Condition()
+        self.process, self.paused = None, []
+
+    def start(self, request, reader, name, command, *args):
+        """Queue command(*args) (run or torchrun) under `name` if a test of this session reads it: `reader` is
+        that test, or a fixture of the tests that do."""
+        wanted = any(reader in (item.originalname, *item.fixturenames) for item in request.session.items)
+        self.started[name] = self.pool.submit(self.when_free, command, args) if wanted else None, command, args
+
+    def when_free(self, command, args):
+        with self.free:
+            self.free.wait_for(lambda: self.holds == 0)
+        return command(*args)
+
+    @staticmethod
+    def on_lane():
+        """Whether the caller runs on UserRuns' thread (rather than the tests')."""
+        return threading.current_thread().name.startswith("user-runs")
+
+    def running(self, process):
+        """completed() tells which process of this lane runs now (None when it has ended)."""
+        if self.on_lane():
+            with self.free:
+                self.process = process
+                if process is not None and self.holds:              # started as a block began: paused too
+                    self.pause()
+
+    def pause(self):
+        if self.process is not None and hasattr(signal, "SIGSTOP"):
+            self.paused += signal_tree(self.process.pid, signal.SIGSTOP)
+
+    @contextlib.contextmanager
+    def held(self):
+        """A block of the tests that runs several processes itself (pose workers, torchrun, Chromium): no user
+        run starts inside it, and the one running (with its children: torchrun's workers) is paused."""
+        with self.free:
+            self.holds += 1
+            if self.holds == 1:
+                self.pause()
+        try:
+            yield
+        finally:
+            with self.free:
+                self.holds -= 1
+                if self.holds == 0:
+                    for pid in self.paused:
+                        signal_pid(pid, signal.SIGCONT)
+                    self.paused = []
+                    self.free.notify_all()
+
+    def result(self, name):
+        """What the command queued under `name` returned, once it has ended; one not queued or still waiting its
+        turn (tests picked with -k) runs now, here, rather than after the others."""
+        assert self.holds == 0, "a user run's result read inside a held block would wait for the block's end"
+        future, command, args = self.started[name]
+        return command(*args) if future is None or future.cancel() else future.result()
+
+
+USER_RUNS = UserRuns()
+
+
+@pytest.fixture
+def held():
+    """The test runs several processes itself: no user run starts during it (UserRuns.held)."""
+    with USER_RUNS.held():
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def user_runs(request):
+    """The user runs (UserRuns) start with the session: the trained runs they read are made first, when a test
+    of the session uses them. At the end, queued runs that no test read (with -k) are dropped, not waited for."""
+    for fixture in ("tiny_run", "awkward"):
+        if any(fixture in item.fixturenames for item in request.session.items):
+            request.getfixturevalue(fixture)
+    yield
+    USER_RUNS.pool.shutdown(wait=True, cancel_futures=True)
+
+
 @pytest.fixture(scope="session")
-def tiny_run(tiny_gsl, tmp_path_factory):
-    """One tiny trained run (2 epochs, SignCL on), shared by the tests that read a run folder."""
+def tiny_run(tiny_gsl, tmp_path_factory, request):
+    """One tiny trained run (2 epochs, SignCL on), shared by the tests that read a run folder. Once it is
+    trained, the user runs on copies of it start (UserRuns), in the order the tests read them."""
     import run as cli
     cwd = tmp_path_factory.mktemp("runs")
     _, printed = call(cli.train, cli.TrainConfig(data=tiny_gsl, out="r", overrides=tiny(epochs=2, signcl=0.01)), cwd)
+    for name in ("e", "b", "fresh", "v", "two", "p"):
+        run_folder_copy(cwd, name)
+    both = "test_torchrun_extract_and_perturb_equal_one_process"
+    for reader, name, command, args in (
+            ("test_train_then_eval_as_a_user", "eval", run, ["eval", "e", "--split", "test"]),
+            ("test_bench_reports_the_same_numbers", "bench", run,
+             ["bench", "b", "--perturb", "--limit", "2", "--methods", "generic,random"]),
+            ("test_plot_as_a_user", "plot", run, ["plot", "fresh", "--sample", "1", "--animate"]),
+            ("viewed_run", "view", run, ["view", "v"]),
+            (both, "torchrun extract", torchrun, ["extract", "two", "--limit", "4", "--batch-size", "2"]),
+            (both, "torchrun perturb", torchrun, ["perturb", "two", "--limit", "4", "--bootstrap", "100"]),
+            ("test_perturb_as_a_user", "perturb", run, ["perturb", "p", "--bootstrap", "200"])):
+        USER_RUNS.start(request, reader, name, command, args, str(cwd))
     return cwd, printed
 
 
@@ -82,7 +199,42 @@ def random_batch(B=3, T=11, n=5, F=6, seed=0):
 def run(args, cwd, timeout=300):
     """run.py in a new interpreter, as a user starts it (where a fresh process matters: exit codes, stderr,
     signals, torchrun)."""
-    return subprocess.run(RUN + args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return completed(RUN + args, cwd, timeout)
+
+
+def completed(argv, cwd, timeout):
+    """subprocess.run(argv) capturing its text output; UserRuns knows the process when it runs on its thread."""
+    with subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        USER_RUNS.running(process)
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+        finally:
+            USER_RUNS.running(None)
+    return subprocess.CompletedProcess(argv, process.returncode, out, err)
+
+
+def signal_pid(pid, sig):
+    try:
+        os.kill(pid, sig)
+        return True
+    except ProcessLookupError:                                     # it has just ended
+        return False
+
+
+def signal_tree(pid, sig):
+    """Send sig to pid and every process descended from it (read from /proc where there is one); the pids
+    signalled."""
+    tree = [pid]
+    if os.path.isdir("/proc"):
+        children = {}
+        for p in map(int, filter(str.isdigit, os.listdir("/proc"))):
+            children.setdefault(parent_of(p), []).append(p)
+        for p in tree:
+            tree += children.get(p, [])
+    return [p for p in tree if signal_pid(p, sig)]
 
 
 def call(mode, config, cwd):
@@ -109,6 +261,24 @@ def run_here(args, cwd):
     """run.py's main in this process (no new interpreter to start), in cwd: (exit code, what it printed)."""
     import run as cli
     return call(cli.main, [str(a) for a in args], cwd)
+
+
+def run_there(commands, cwd):
+    """run_here for each command line of `commands`, one after another in one new interpreter when UserRuns
+    runs it beside the tests (in this process when a test needs it before its turn): [(exit code, printed)]."""
+    if not USER_RUNS.on_lane():
+        return [run_here(args, cwd) for args in commands]
+    script = ("import contextlib, io, json, sys\n"
+              f"sys.path.insert(0, {HERE!r})\n"
+              "import run\n"
+              "for args in json.loads(sys.argv[1]):\n"
+              "    printed = io.StringIO()\n"
+              "    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):\n"
+              "        code = run.main(args)\n"
+              "    sys.stdout.write(json.dumps([code, printed.getvalue()]) + '\\n')\n")
+    result = completed([sys.executable, "-c", script, json.dumps(commands)], cwd, 600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [tuple(json.loads(line)) for line in result.stdout.splitlines()]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -494,10 +664,11 @@ def converted(tmp_path_factory):
             ("corrupt", "γεια σας", "ΓΕΙΑ", "test"), ("truncated", "γεια σας", "ΓΕΙΑ", "test")]
     with open(cwd / "annotations.csv", "w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows([("id", "text", "gloss", "split")] + rows)
-    shards = [subprocess.Popen(RUN + ["poses", "recordings", "--annotations", "annotations.csv", "--out", "out",
-                                      "--workers", "1", "--shard", f"{k}/2"], cwd=cwd, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True) for k in (1, 2)]
-    done = [subprocess.CompletedProcess(p.args, p.wait(300), *p.communicate()) for p in shards]
+    with USER_RUNS.held():
+        shards = [subprocess.Popen(RUN + ["poses", "recordings", "--annotations", "annotations.csv", "--out", "out",
+                                          "--workers", "1", "--shard", f"{k}/2"], cwd=cwd, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True) for k in (1, 2)]
+        done = [subprocess.CompletedProcess(p.args, p.wait(300), *p.communicate()) for p in shards]
     return cwd, src, cwd / "out", done
 
 
@@ -575,7 +746,7 @@ def parent_of(pid):
 
 
 @needs_poses
-def test_poses_resumes_after_kill_9(converted, tmp_path):
+def test_poses_resumes_after_kill_9(converted, tmp_path, held):
     """A conversion with two worker processes killed with SIGKILL leaves only complete pose files, its workers
     stop too, and the next run converts the rest."""
     cwd, src, _, _ = converted
@@ -603,7 +774,7 @@ def test_poses_resumes_after_kill_9(converted, tmp_path):
 
 
 @needs_poses
-def test_poses_on_awkward_recordings(tmp_path):
+def test_poses_on_awkward_recordings(tmp_path, held):
     """What cameras, phones and file systems hand over: a 1-frame phone video (IMG_0001.MOV, upper-case
     extension) and a folder of one image with a Greek name and a space; a frame folder mixing a greyscale PNG,
     an RGBA PNG, JPEGs (.jpg, .JPG, .jpeg, one stored sideways with an EXIF orientation) at two resolutions,
@@ -1290,7 +1461,7 @@ def test_train_then_eval_as_a_user(tiny_gsl, tiny_run):
     model, gloss, text = sa.load_model(str(run_dir))
     assert not model.training and model.eos_id == text.eos_id == 3
     results = json.load(open(run_dir / "results.json"))
-    result = run(["eval", "r", "--split", "test"], str(tmp_path))
+    result = USER_RUNS.result("eval")                                    # `eval e --split test`, e a copy of r
     assert result.returncode == 0, result.stderr
     assert f"{results['test']['bleu4']:.2f}" in result.stdout
     import run as cli
@@ -1864,7 +2035,7 @@ def test_bench_reports_the_same_numbers(tiny_run):
         assert float(rows[method][-1]) <= 1e-5 and rows[method][-2].endswith("x")
     with pytest.raises(sa.DataError, match=r"unknown method\(s\) nope"):
         call(cli.bench, cli.BenchConfig(run="r", methods="gradcam,nope"), cwd)
-    result = run(["bench", "r", "--perturb", "--limit", "2", "--methods", "generic,random"], str(cwd))   # as a user
+    result = USER_RUNS.result("bench")                   # as a user: bench b --perturb --limit 2 --methods generic,random
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[2:]
             if not line.startswith("bench")}
@@ -1896,7 +2067,7 @@ def test_diagonality_and_profiles_on_constructed_attention():
     assert ex.segment_mass(relevance, [(0, 1, 3), (1, 3, 4)]) == pytest.approx([1.0, 2 / 3])
 
 
-def test_word_gloss_links_and_token_segments():
+def test_word_gloss_links_and_token_segments(held):
     pronouns, verbs = ["ΕΓΩ(1)", "ΕΣΥ", "ΑΥΤΟΣ"], ["ΧΑΝΩ", "ΒΡΙΣΚΩ", "ΘΕΛΩ"]
     nouns = {"ΚΛΕΙΔΙ": "κλειδί", "ΔΙΠΛΩΜΑ": "δίπλωμα", "ΦΑΡΜΑΚΟ": "φάρμακο", "ΡΑΝΤΕΒΟΥ": "ραντεβού",
              "ΤΗΛΕΦΩΝΟ": "τηλέφωνο", "ΠΟΡΤΟΦΟΛΙ": "πορτοφόλι"}
@@ -2029,15 +2200,20 @@ def drawn(path):
 
 
 def test_plot_as_a_user(tiny_run):
+    """plot --sample 1 --animate right after training: without an extraction, the sample is extracted alone in
+    memory (seconds, and nothing is written but the figures)."""
     import run as cli
     cwd, _ = tiny_run
-    result = run(["plot", "r", "--sample", "1", "--animate"], str(cwd))
+    result = USER_RUNS.result("plot")                       # plot fresh --sample 1 --animate, fresh a copy of r
     assert result.returncode == 0, result.stderr
+    assert "extracting test sample 1" in result.stdout and not (cwd / "fresh" / "extract_test.pt").exists()
     for name in cli.SAMPLE_FIGURES:
-        assert drawn(cwd / "r" / f"sample1_{name}.png") and f"sample1_{name}.png" in result.stdout
+        assert drawn(cwd / "fresh" / f"sample1_{name}.png") and f"sample1_{name}.png" in result.stdout
     from PIL import Image
-    with Image.open(cwd / "r" / "sample1_animation.gif") as gif:                # one frame per model frame
+    with Image.open(cwd / "fresh" / "sample1_animation.gif") as gif:            # one frame per model frame
         assert gif.format == "GIF" and gif.n_frames > 10 and gif.size[0] > 1000
+    with pytest.raises(sa.DataError, match=r"holds samples 0\.\.15"):
+        call(cli.plot, cli.PlotConfig(run="fresh", sample=16), cwd)
     _, printed = call(cli.plot, cli.PlotConfig(run="r", all=True, figure_type="svg"), cwd)
     for name in cli.GLOBAL_FIGURES:
         assert (cwd / "r" / f"all_all_{name}.svg").read_text().count("<path") > 10
@@ -2046,24 +2222,6 @@ def test_plot_as_a_user(tiny_run):
     assert code == 2 and "--sample 999" in printed and len(printed.strip().splitlines()) == 1
 
 
-def run_folder_copy(cwd, name):
-    """A new run folder `name` holding only the tiny run's best checkpoint and configuration."""
-    import shutil
-    os.makedirs(cwd / name, exist_ok=True)
-    for file in ("best.pt", "config.json"):
-        shutil.copy(cwd / "r" / file, cwd / name / file)
-
-
-def test_plot_one_sample_right_after_training(tiny_run):
-    """Without an extraction, one sample is extracted alone in memory: seconds, and nothing is written."""
-    cwd, _ = tiny_run
-    run_folder_copy(cwd, "fresh")
-    import run as cli
-    _, printed = call(cli.plot, cli.PlotConfig(run="fresh", sample=2), cwd)
-    assert "extracting test sample 2" in printed and drawn(cwd / "fresh" / "sample2_relevance.png")
-    assert not (cwd / "fresh" / "extract_test.pt").exists()
-    with pytest.raises(sa.DataError, match=r"holds samples 0\.\.15"):
-        call(cli.plot, cli.PlotConfig(run="fresh", sample=16), cwd)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2085,8 +2243,7 @@ def viewed_run(tiny_run):
     """The tiny run's view, made as a user makes it: `view` (which extracts the split first), `perturb`
     on the extraction, then `view` again, which now shows the perturbation table."""
     cwd, _ = tiny_run
-    run_folder_copy(cwd, "v")
-    first = run(["view", "v"], str(cwd))
+    first = USER_RUNS.result("view")                                # view v, v a copy of the tiny run
     assert first.returncode == 0, first.stderr
     assert "extracting the test split first" in first.stdout and "view_test.html" in first.stdout
     import run as cli
@@ -2210,10 +2367,11 @@ def test_view_of_300_samples_and_14_methods_stays_under_20_mb(tiny_gsl, tmp_path
 def chromium(url, user_data, *flags):
     """Headless Chromium on a file URL with the flags that keep it off the network; virtual time lets the
     page finish its start-up before the DOM is dumped or the screenshot taken."""
-    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                           "--disable-extensions", f"--user-data-dir={user_data}", "--virtual-time-budget=30000",
-                           *flags, url], capture_output=True, text=True, timeout=180)
+    with USER_RUNS.held():
+        return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                               "--disable-extensions", f"--user-data-dir={user_data}", "--virtual-time-budget=30000",
+                               *flags, url], capture_output=True, text=True, timeout=180)
 
 
 def chromium_states(path, hashes, user_data):
@@ -2324,16 +2482,15 @@ def test_view_in_a_real_browser_with_awkward_samples(tiny_gsl, tmp_path):
 # ----------------------------------------------------------------------------------------------------
 
 def torchrun(args, cwd, processes=2):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(processes), os.path.join(HERE, "run.py")] + args, cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
+    return completed([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                      str(processes), os.path.join(HERE, "run.py")] + args, cwd, 600)
 
 
 def table_row(output, split):
     return next(line.split() for line in output.splitlines() if line.split()[:1] == [split])
 
 
-def test_torchrun_trains_once_with_two_processes_and_resumes(tiny_gsl, tmp_path):
+def test_torchrun_trains_once_with_two_processes_and_resumes(tiny_gsl, tmp_path, held):
     """Two processes: the loss falls, one process prints and writes (one set of files, the world size in
     config.json), the printed test metrics are a one-process evaluation's of the same checkpoint, and the
     run resumes under torchrun from its last checkpoint."""
@@ -2360,11 +2517,10 @@ def test_torchrun_extract_and_perturb_equal_one_process(tiny_run):
     """Sharded over two processes, extract writes one file equal to the one-process file (to 1e-5 of each
     row's scale) and perturb the same table."""
     cwd, _ = tiny_run
-    for name in ("one", "two"):
-        run_folder_copy(cwd, name)
+    run_folder_copy(cwd, "one")
     import run as cli
-    call(cli.extract, cli.ExtractConfig(run="one", limit=4), cwd)
-    result = torchrun(["extract", "two", "--limit", "4"], cwd)                        # as a user runs it
+    call(cli.extract, cli.ExtractConfig(run="one", limit=4, batch_size=2), cwd)      # 2 batches: 1 a process
+    result = USER_RUNS.result("torchrun extract")          # as a user runs it: extract two --limit 4 --batch-size 2
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = (torch.load(cwd / name / "extract_test.pt", weights_only=True) for name in ("one", "two"))
     assert [s["id"] for s in one["samples"]] == [s["id"] for s in two["samples"]] and len(one["samples"]) == 4
@@ -2384,7 +2540,7 @@ def test_torchrun_extract_and_perturb_equal_one_process(tiny_run):
         same(a, b)
     tables = []
     _, printed = call(cli.perturb, cli.PerturbConfig(run="one", limit=4, bootstrap=100), cwd)
-    result = torchrun(["perturb", "two", "--limit", "4", "--bootstrap", "100"], cwd)
+    result = USER_RUNS.result("torchrun perturb")           # perturb two --limit 4 --bootstrap 100
     assert result.returncode == 0, result.stderr[-3000:]
     assert "relevance from" in printed and "relevance from" in result.stdout
     for name in ("one", "two"):
@@ -2723,8 +2879,7 @@ def test_sentence_scores_accuracy_and_bleu():
 
 def test_perturb_as_a_user(tiny_run):
     cwd, _ = tiny_run
-    run_folder_copy(cwd, "p")
-    result = run(["perturb", "p", "--bootstrap", "200"], str(cwd))
+    result = USER_RUNS.result("perturb")                          # perturb p --bootstrap 200, p a copy of r
     assert result.returncode == 0, result.stderr
     assert "fraction 0.9" in result.stdout and "ETA" in result.stdout and "beat random" in result.stdout
     assert "clean input:" in result.stdout
@@ -2820,14 +2975,38 @@ def make_awkward_gsl(base, out):
 
 
 @pytest.fixture(scope="session")
-def awkward(tiny_gsl, tmp_path_factory):
-    """The awkward dataset and a run trained on it for 2 epochs with SignCL, as a user trains it."""
+def awkward(tiny_gsl, tmp_path_factory, request):
+    """The awkward dataset and a run trained on it for 2 epochs with SignCL, as a user trains it; then every
+    mode on it starts, one after another in one new interpreter (UserRuns, run_there: awkward_modes), and the
+    modes that draw and tabulate on two copies of it whose every output is empty or wrong (constant_modes)."""
     root = tmp_path_factory.mktemp("awkward")
     data, ids = make_awkward_gsl(tiny_gsl, str(root / "data"))
     import run as cli
     _, printed = call(cli.train, cli.TrainConfig(data=data, out="r", overrides=tiny(epochs=2, signcl=0.01, subsample=2)),
                       root)                                      # one frame in 2: the shapes the tests name
+    text_vocab = torch.load(os.path.join(root, "r", "best.pt"), weights_only=True)["text_vocab"]
+    constants = [os.path.basename(constant_output_checkpoint(os.path.join(root, "r"), index, f"constant_{token}"))
+                 for token, index in (("EOS", sa.Vocabulary.eos_id), ("wrong", text_vocab.index("γεια")))]
+    USER_RUNS.start(request, "test_every_mode_on_awkward_data", "awkward", run_there, awkward_modes(ids), str(root))
+    for name in constants:                                              # copied before the modes write in r
+        USER_RUNS.start(request, "test_global_figures_and_tables_when_every_output_is_empty_or_wrong", name,
+                        run_there, constant_modes(name), str(root))
     return root, data, ids, printed
+
+
+AWKWARD_METHODS = ",".join(m for m in ex.METHODS if m != "integrated_gradients")     # 64 passes per token: minutes
+                                                                    # at 308 frames (at 1 and 2: in the test of every method)
+
+
+def awkward_modes(ids):
+    """Every mode on the awkward run r, in the order a user runs them: plot --sample for the samples of one
+    model frame, "one frame" and "two_frames" (a segment cut at its end)."""
+    return [["eval", "r"], ["extract", "r", "--methods", AWKWARD_METHODS],
+            ["bench", "r", "--limit", "13", "--methods", "dsmi,generic,attention"],
+            ["bench", "r", "--perturb", "--limit", "3", "--methods", "dsmi"], ["plot", "r", "--all"],
+            ["perturb", "r", "--methods", AWKWARD_METHODS],
+            ["perturb", "r", "--level", "sentence", "--methods", "generic,dsmi", "--limit", str(len(ids))],
+            ["view", "r"]] + [["plot", "r", "--sample", str(ids.index(sid))] for sid in ("one frame", "two_frames")]
 
 
 def no_nan_written(folder, suffixes=(".csv", ".md", ".json")):
@@ -2862,14 +3041,10 @@ def test_every_mode_on_awkward_data(awkward):
     and_600_frames'; the other awkward samples have an ordinary sample's frames and tokens)."""
     root, data, ids, _ = awkward
     r = os.path.join(root, "r")
-    methods = ",".join(m for m in ex.METHODS if m != "integrated_gradients")    # 64 passes per token: minutes at
-    for args in (["eval", "r"], ["extract", "r", "--methods", methods],         # 308 frames (at 1 and 2 frames: in
-                 ["bench", "r", "--limit", 13, "--methods", "dsmi,generic,attention"],  # the test of every method)
-                 ["bench", "r", "--perturb", "--limit", 3, "--methods", "dsmi"], ["plot", "r", "--all"],
-                 ["perturb", "r", "--methods", methods], ["perturb", "r", "--level", "sentence", "--methods", "generic,dsmi", "--limit", len(ids)],
-                 ["view", "r"]):
-        code, printed = run_here(args, root)
-        assert code == 0, (args, printed)
+    for args, (code, printed) in zip(awkward_modes(ids), USER_RUNS.result("awkward")):       # run_there
+        assert code == 0, (args, printed[-3000:])
+        if args[-2] == "--sample":
+            assert f"sample{args[-1]}_relevance.png" in printed, printed
     extraction = torch.load(os.path.join(r, "extract_test.pt"), weights_only=True)
     samples = extraction["samples"]
     assert [s["id"] for s in samples[:len(ids)]] == ids
@@ -2880,11 +3055,7 @@ def test_every_mode_on_awkward_data(awkward):
         for m in ("attention", "rollout", "dsmi"):                # normalised: one frame holds all of it
             if s["frames"] == 1:
                 assert torch.allclose(s["relevance"][m], torch.ones(len(s["tokens"]), 1)), (s["id"], m)
-    for sid in ("one frame", "two_frames"):
-        index = ids.index(sid)
-        code, printed = run_here(["plot", "r", "--sample", index], root)
-        assert code == 0 and f"sample{index}_relevance.png" in printed, printed
-    table = open(os.path.join(r, f"perturb_test_token_{methods.replace(',', '+')}.md"), encoding="utf-8").read()
+    table = open(os.path.join(r, f"perturb_test_token_{AWKWARD_METHODS.replace(',', '+')}.md"), encoding="utf-8").read()
     assert "2 sample(s) of one frame skipped" in table and "| random |" in table
     no_nan_written(r)
     if CHROMIUM:                                                                        # the page draws them
@@ -2911,30 +3082,31 @@ def constant_output_checkpoint(run_dir, token, name):
     return copy
 
 
+def constant_modes(name):
+    """The modes that draw and tabulate, on the run folder `name`: extract, plot --all, perturb at both levels
+    (a wrong model decodes to the length limit: 4 samples at sentence level), view."""
+    return [["extract", name, "--methods", "attention,generic,dsmi"], ["plot", name, "--all"],
+            ["perturb", name, "--level", "token", "--methods", "attention,generic"],
+            ["perturb", name, "--level", "sentence", "--methods", "attention,generic", "--limit", "4"], ["view", name]]
+
+
 @pytest.mark.parametrize("token", ["EOS", "wrong"])
 def test_global_figures_and_tables_when_every_output_is_empty_or_wrong(awkward, token):
+    """The awkward fixture made the copies and started constant_modes on them (UserRuns, run_there)."""
     root, data, _, _ = awkward
-    text_vocab = torch.load(os.path.join(root, "r", "best.pt"), weights_only=True)["text_vocab"]
-    index = sa.Vocabulary.eos_id if token == "EOS" else text_vocab.index("γεια")
-    run_dir = constant_output_checkpoint(os.path.join(root, "r"), index, f"constant_{token}")
-    name = os.path.basename(run_dir)
-    code, printed = run_here(["extract", name, "--methods", "attention,generic,dsmi"], root)
-    assert code == 0, printed
-    code, printed = run_here(["plot", name, "--all"], root)
-    assert code == 0, printed
+    run_dir = os.path.join(root, f"constant_{token}")
+    modes = USER_RUNS.result(f"constant_{token}")
+    for args, (code, printed) in zip(constant_modes(f"constant_{token}"), modes):
+        assert code == 0, (args, printed[-3000:])
+    printed = modes[1][1]                                                                   # plot --all
     assert "no test sample in the 'correct' group" in printed
     if token == "EOS":
         assert "cross_attention_by_length figure (all) skipped: no prediction has a token before EOS" in printed
         assert "diagonality (all): undefined" in printed and "pointing_game figure (all) skipped" in printed
     assert os.path.exists(os.path.join(run_dir, "all_all_entropy.png"))
-    for level, limit in (("token", []), ("sentence", ["--limit", 4])):       # a wrong model decodes to the length limit
-        code, printed = run_here(["perturb", name, "--level", level, "--methods", "attention,generic"] + limit, root)
-        assert code == 0, printed
     table = open(os.path.join(run_dir, "perturb_test_token_attention+generic+random.md"), encoding="utf-8").read()
     if token == "EOS":
         assert "no predicted token realises a gloss with a true segment" in table
-    code, printed = run_here(["view", name], root)
-    assert code == 0, printed
     no_nan_written(run_dir)
 
 
