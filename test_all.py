@@ -3071,9 +3071,10 @@ def test_awkward_annotations_are_read_as_written(awkward):
 
 def test_every_mode_on_awkward_data(awkward):
     """train (in the fixture), eval, extract, bench, plot --sample, plot --all, perturb at both levels and view,
-    on the awkward data: each exits 0, and no table holds NaN. plot --sample draws each awkward shape: 1 and 1 (a
-    segment cut at its end) model frame (a long sample's figures are test_sample_figures_are_legible_for_20_tokens_
-    and_600_frames'; the other awkward samples have an ordinary sample's frames and tokens)."""
+    on the awkward data (awkward_modes, run beside the tests by run_there): each exits 0, and no table holds
+    NaN. plot --sample draws each awkward shape: 1 and 1 (a segment cut at its end) model frame (a long
+    sample's figures are test_sample_figures_are_legible_for_20_tokens_and_600_frames'; the other awkward
+    samples have an ordinary sample's frames and tokens)."""
     root, data, ids, _ = awkward
     r = os.path.join(root, "r")
     for args, (code, printed) in zip(awkward_modes(ids), USER_RUNS.result("awkward"), strict=True):  # run_there
