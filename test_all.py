@@ -66,13 +66,11 @@ class UserRuns:
         self.holds, self.free = 0, threading.Condition()
         self.process, self.paused = None, []
 
-    def start(self, request, reader, name, command, *args, several=False):
+    def start(self, request, reader, name, command, *args):
         """Queue command(*args) under `name` if a test of this session reads it: `reader` is that test's name
-        (with its parameters where it has some) or a fixture of the tests that do. `several`: the command
-        starts processes of its own (torchrun), so that a test running it here holds the lane."""
-        wanted = any(reader in (item.name, getattr(item, "originalname", None), *getattr(item, "fixturenames", ()))
-                     for item in request.session.items)
-        self.started[name] = self.pool.submit(self.when_free, command, args) if wanted else None, command, args, several
+        (with its parameters where it has some) or a fixture of the tests that do."""
+        self.started[name] = self.pool.submit(self.when_free, command, args) if selected(request, reader) else None, \
+            command, args
 
     def when_free(self, command, args):
         """command(*args) on the lane's thread, once no held block is open."""
@@ -84,11 +82,8 @@ class UserRuns:
         """What the command queued under `name` returned, once it has ended. One not queued, or still waiting its
         turn (tests picked with -k, or the lane behind), runs now, here, rather than after the others."""
         assert self.holds == 0, "a user run's result read inside a held block would wait for the block's end"
-        future, command, args, several = self.started[name]
-        if future is not None and not future.cancel():
-            return future.result()
-        with self.held() if several else contextlib.nullcontext():
-            return command(*args)
+        future, command, args = self.started[name]
+        return command(*args) if future is None or future.cancel() else future.result()
 
     @staticmethod
     def on_lane():
@@ -112,7 +107,11 @@ class UserRuns:
     @contextlib.contextmanager
     def held(self):
         """A block of the tests that runs several processes itself (pose workers, torchrun, Chromium): no
-        command of the lane starts inside it, and the one running is paused until the block ends."""
+        command of the lane starts inside it, and the one running is paused until the block ends. On the
+        lane's own thread (its torchrun) it holds nothing."""
+        if self.on_lane():
+            yield
+            return
         with self.free:
             self.holds += 1
             if self.holds == 1:
@@ -143,6 +142,13 @@ class UserRuns:
 USER_RUNS = UserRuns()
 
 
+def selected(request, name):
+    """Whether a test of this session is `name` (as pytest names it, parameters included, or its function's
+    name) or uses the fixture `name`."""
+    return any(name in (item.name, getattr(item, "originalname", None), *getattr(item, "fixturenames", ()))
+               for item in request.session.items)
+
+
 @pytest.fixture
 def held():
     """The test runs several processes itself: the lane of user runs is paused meanwhile (UserRuns.held)."""
@@ -157,7 +163,7 @@ def user_runs(request):
     runs that no test read are dropped, not waited for."""
     try:
         for fixture in ("tiny_run", "awkward"):
-            if any(fixture in getattr(item, "fixturenames", ()) for item in request.session.items):
+            if selected(request, fixture):
                 try:
                     request.getfixturevalue(fixture)
                 except (Exception, pytest.skip.Exception, pytest.fail.Exception):
@@ -174,18 +180,17 @@ def tiny_run(tiny_gsl, tmp_path_factory, request):
     import run as cli
     cwd = tmp_path_factory.mktemp("runs")
     _, printed = call(cli.train, cli.TrainConfig(data=tiny_gsl, out="r", overrides=tiny(epochs=2, signcl=0.01)), cwd)
-    for name in ("e", "b", "fresh", "v", "two", "p"):
-        run_folder_copy(cwd, name)
-    for reader, name, command, args in (
-            ("test_train_then_eval_as_a_user", "eval", run, ["eval", "e", "--split", "test"]),
-            ("test_bench_reports_the_same_numbers", "bench", run,
-             ["bench", "b", "--perturb", "--limit", "2", "--methods", "generic,random"]),
-            ("test_plot_as_a_user", "plot", run, ["plot", "fresh", "--sample", "1", "--animate"]),
-            ("viewed_run", "view", run, ["view", "v"]),
-            ("test_perturb_as_a_user", "perturb", run, ["perturb", "p", "--bootstrap", "200"])):
-        USER_RUNS.start(request, reader, name, command, args, str(cwd))
+    for reader, args in (("test_train_then_eval_as_a_user", ["eval", "e", "--split", "test"]),
+                         ("test_bench_reports_the_same_numbers",
+                          ["bench", "b", "--perturb", "--limit", "2", "--methods", "generic,random"]),
+                         ("test_plot_as_a_user", ["plot", "fresh", "--sample", "1", "--animate"]),
+                         ("viewed_run", ["view", "v"]),
+                         ("test_perturb_as_a_user", ["perturb", "p", "--bootstrap", "200"])):
+        run_folder_copy(cwd, args[1])                                   # each in a folder of its own
+        USER_RUNS.start(request, reader, args[0], run, args, str(cwd))
+    run_folder_copy(cwd, "two")
     USER_RUNS.start(request, "test_torchrun_extract_and_perturb_equal_one_process", "torchrun",
-                    torchrun_extract_then_perturb, cwd, several=True)
+                    torchrun_extract_then_perturb, cwd)
     return cwd, printed
 
 
@@ -297,17 +302,11 @@ def run_there(commands, cwd):
     runs it beside the tests (in this process when a test needs it before its turn): [(exit code, printed)]."""
     if not USER_RUNS.on_lane():
         return [run_here(args, cwd) for args in commands]
-    script = ("import contextlib, io, json, sys\n"
-              f"sys.path.insert(0, {HERE!r})\n"
-              "import run\n"
-              "for args in json.loads(sys.argv[1]):\n"
-              "    printed = io.StringIO()\n"
-              "    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):\n"
-              "        code = run.main(args)\n"
-              "    sys.stdout.write(json.dumps([code, printed.getvalue()]) + '\\n')\n")
+    script = (f"import json, sys; sys.path.insert(0, {HERE!r}); import test_all; "
+              "print(json.dumps([test_all.run_here(args, '.') for args in json.loads(sys.argv[1])]))")
     result = completed([sys.executable, "-c", script, json.dumps(commands)], cwd, 600)
     assert result.returncode == 0, result.stderr[-3000:]
-    return [tuple(json.loads(line)) for line in result.stdout.splitlines()]
+    return [tuple(pair) for pair in json.loads(result.stdout)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2509,8 +2508,9 @@ def test_view_in_a_real_browser_with_awkward_samples(tiny_gsl, tmp_path):
 # ----------------------------------------------------------------------------------------------------
 
 def torchrun(args, cwd, processes=2):
-    return completed([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                      str(processes), os.path.join(HERE, "run.py")] + args, cwd, 600)
+    with USER_RUNS.held():                                      # several processes: the lane waits
+        return completed([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                          str(processes), os.path.join(HERE, "run.py")] + args, cwd, 600)
 
 
 def torchrun_extract_then_perturb(cwd):
@@ -2524,7 +2524,7 @@ def table_row(output, split):
     return next(line.split() for line in output.splitlines() if line.split()[:1] == [split])
 
 
-def test_torchrun_trains_once_with_two_processes_and_resumes(tiny_gsl, tmp_path, held):
+def test_torchrun_trains_once_with_two_processes_and_resumes(tiny_gsl, tmp_path):
     """Two processes: the loss falls, one process prints and writes (one set of files, the world size in
     config.json), the printed test metrics are a one-process evaluation's of the same checkpoint, and the
     run resumes under torchrun from its last checkpoint."""
